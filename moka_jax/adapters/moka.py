@@ -1,0 +1,179 @@
+"""MoKA (gated mixture of Kronecker products), its ungated ablation, and MoKAs (block-diagonal).
+
+Adapter interface (shared with lora.py):
+    adapter(x, y_base, base) -> y          y_base = base matmul without bias
+    adapter.delta_weight(base) -> (m, n)   materialised dW (merge, export, tests only)
+    adapter.merge(w0) -> (m, n)            merged weight given the (dequantised) base weight
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moka_jax import kron, shapes as shapes_lib
+from moka_jax.adapters.init import kaiming_uniform
+from moka_jax.variables import AdapterParam
+
+# Chosen by bench/scale_sweep.py (see bench/README.md): the best final loss of a small
+# regression fit over scales {0.25 .. 16} at lr 2e-4.
+DEFAULT_SCALE = 1.0
+
+
+def _gate_weights(g, r: int, gated: bool):
+    if gated:
+        return jax.nn.softmax(g[...].astype(jnp.float32))
+    return jnp.full((r,), 1.0 / r, jnp.float32)
+
+
+class MoKA(nnx.Module):
+    """dW = scale * sum_i softmax(g)_i * kron(A_i, B_i)[:m, :n], never materialised in apply."""
+
+    def __init__(self, in_features: int, out_features: int, shapes, *, scale: float,
+                 gated: bool = True, rngs: nnx.Rngs, param_dtype=jnp.float32, name: str = ""):
+        m, n = out_features, in_features
+        shapes = shapes_lib.validate_kron_shapes(shapes, m, n, name)
+        self.m, self.n, self.r = m, n, len(shapes)
+        self.shapes = tuple(shapes)
+        self.scale, self.gated = float(scale), bool(gated)
+        # Components of equal shape share one stacked parameter per factor, so the apply
+        # runs one batched contraction per distinct shape. group_index[g] lists the
+        # component ids (positions in `shapes`) stored in group g, in order.
+        order: dict[Any, list[int]] = {}
+        for i, s in enumerate(shapes):
+            order.setdefault(s, []).append(i)
+        self.group_index = tuple(tuple(ids) for ids in order.values())
+        a_list, b_list = [], []
+        for (ma, na), (mb, nb) in order:
+            c = len(order[((ma, na), (mb, nb))])
+            a_list.append(AdapterParam(kaiming_uniform(rngs.params(), (c, ma, na), na, param_dtype)))
+            b_list.append(AdapterParam(jnp.zeros((c, mb, nb), param_dtype)))
+        self.a = nnx.List(a_list)
+        self.b = nnx.List(b_list)
+        self.g = AdapterParam(jnp.zeros((self.r,), param_dtype)) if gated else None
+
+    def alpha(self):
+        """Mixture weights (r,): softmax of the gate, or 1/r when ungated."""
+        return _gate_weights(self.g, self.r, self.gated)
+
+    def _groups(self, dtype):
+        alpha = self.alpha() * self.scale
+        groups = [(a[...].astype(dtype), b[...].astype(dtype)) for a, b in zip(self.a, self.b)]
+        weights = [alpha[jnp.asarray(ids)].astype(dtype) for ids in self.group_index]
+        return groups, weights
+
+    def delta(self, x):
+        groups, weights = self._groups(x.dtype)
+        return kron.kron_mixture_apply(x, groups, weights, self.m, self.n)
+
+    def __call__(self, x, y_base, base=None):
+        return y_base + self.delta(x)
+
+    def components(self):
+        """[(A_i, B_i)] in component order (f32 arrays)."""
+        out = [None] * self.r
+        for ids, a, b in zip(self.group_index, self.a, self.b):
+            for j, i in enumerate(ids):
+                out[i] = (a[...][j], b[...][j])
+        return out
+
+    def delta_weight(self, base=None):
+        alpha = self.alpha() * self.scale
+        dw = jnp.zeros((self.m, self.n), jnp.float32)
+        for i, (a, b) in enumerate(self.components()):
+            dw = dw + alpha[i] * kron.kron_materialize(a, b, self.m, self.n)
+        return dw
+
+    def merge(self, w0):
+        return w0 + self.delta_weight().astype(w0.dtype)
+
+
+class MoKAs(nnx.Module):
+    """dW = scale * sum_i alpha_i * kron(I_k_i, C_i)[:m, :n], C_i: (q_i, p_i), p_i distinct primes."""
+
+    def __init__(self, in_features: int, out_features: int, primes, *, scale: float,
+                 gated: bool = True, rngs: nnx.Rngs, param_dtype=jnp.float32, name: str = ""):
+        m, n = out_features, in_features
+        primes = shapes_lib.validate_primes(primes, m, n, name)
+        self.m, self.n, self.r = m, n, len(primes)
+        self.primes = tuple(primes)
+        self.scale, self.gated = float(scale), bool(gated)
+        # C starts at zero so dW = 0 at step 0. Unlike LoRA's B = 0 this needs no random
+        # partner factor: dW is linear in C, so dL/dC is non-zero from the first step.
+        self.c = nnx.List([
+            AdapterParam(jnp.zeros(shapes_lib.mokas_block(m, n, p)[1:], param_dtype))
+            for p in primes
+        ])
+        self.g = AdapterParam(jnp.zeros((self.r,), param_dtype)) if gated else None
+
+    def alpha(self):
+        return _gate_weights(self.g, self.r, self.gated)
+
+    def delta(self, x):
+        alpha = (self.alpha() * self.scale).astype(x.dtype)
+        y = None
+        for i, c in enumerate(self.c):
+            y_i = alpha[i] * kron.blockdiag_apply(x, c[...].astype(x.dtype), self.m, self.n)
+            y = y_i if y is None else y + y_i
+        return y
+
+    def __call__(self, x, y_base, base=None):
+        return y_base + self.delta(x)
+
+    def delta_weight(self, base=None):
+        alpha = self.alpha() * self.scale
+        dw = jnp.zeros((self.m, self.n), jnp.float32)
+        for i, c in enumerate(self.c):
+            dw = dw + alpha[i] * kron.blockdiag_materialize(c[...], self.m, self.n)
+        return dw
+
+    def merge(self, w0):
+        return w0 + self.delta_weight().astype(w0.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoKAConfig:
+    """MoKA on every target layer. shapes (explicit, win over the planner) or r + budget."""
+
+    r: int = 10
+    shapes: tuple | None = None
+    budget: int | None = None
+    scale: float = DEFAULT_SCALE
+    gated: bool = True
+    kind: str = "moka"
+
+    def layer_shapes(self, m: int, n: int, name: str = ""):
+        if self.shapes is not None:
+            return shapes_lib.validate_kron_shapes(self.shapes, m, n, name)
+        return shapes_lib.plan_moka_shapes(m, n, self.r, self.budget, name)
+
+    def build(self, base, name: str, rngs: nnx.Rngs) -> MoKA:
+        m, n = base.out_features, base.in_features
+        return MoKA(n, m, self.layer_shapes(m, n, name), scale=self.scale, gated=self.gated,
+                    rngs=rngs, name=name)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoKAsConfig:
+    """MoKAs on every target layer. primes (explicit, win over the planner) or r + budget."""
+
+    r: int = 4
+    primes: tuple | None = None
+    budget: int | None = None
+    scale: float = DEFAULT_SCALE
+    gated: bool = True
+    kind: str = "mokas"
+
+    def layer_primes(self, m: int, n: int, name: str = ""):
+        if self.primes is not None:
+            return shapes_lib.validate_primes(self.primes, m, n, name)
+        return shapes_lib.plan_mokas_primes(m, n, self.r, self.budget, name)
+
+    def build(self, base, name: str, rngs: nnx.Rngs) -> MoKAs:
+        m, n = base.out_features, base.in_features
+        return MoKAs(n, m, self.layer_primes(m, n, name), scale=self.scale, gated=self.gated,
+                     rngs=rngs, name=name)

@@ -1,0 +1,146 @@
+"""Linear = frozen base (dense or 4-bit) + optional adapter; attaching adapters by regex."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moka_jax import quant
+from moka_jax.adapters import MoKAConfig
+from moka_jax.variables import AdapterParam, FrozenWeight
+
+# The paper's placement: q_proj and v_proj in every layer.
+DEFAULT_TARGETS = r"(q_proj|v_proj)$"
+
+
+class Linear(nnx.Module):
+    """y = base(x) (+ adapter). The base is frozen: a dense (in, out) kernel or a QuantizedWeight.
+
+    quant: "none" | "nf4" | "int4". dtype: compute dtype (None follows x).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False,
+                 quant: str = "none", block_size: int = 64, double_quant: bool = False,
+                 symmetric: bool = True, dtype=None, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None, name: str = "", weight=None, bias=None):
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype, self.name = dtype, name
+        if weight is None:
+            if rngs is None:
+                raise ValueError(f"layer '{name}': pass rngs (random init) or weight (out, in)")
+            init = jax.nn.initializers.lecun_normal()
+            weight = init(rngs.params(), (in_features, out_features), param_dtype).T
+        if tuple(weight.shape) != (out_features, in_features):
+            raise ValueError(f"layer '{name}': weight shape {tuple(weight.shape)} != "
+                             f"(out, in) = ({out_features}, {in_features})")
+        if quant == "none":
+            self.kernel = FrozenWeight(jnp.asarray(weight, param_dtype).T)  # (in, out)
+        else:
+            self.kernel = FrozenWeight(quant_lib_quantize(
+                weight, quant, block_size=block_size, double_quant=double_quant,
+                symmetric=symmetric, name=name))
+        self.quant = quant
+        if use_bias:
+            b = jnp.zeros((out_features,), param_dtype) if bias is None else jnp.asarray(bias)
+            self.bias = FrozenWeight(b)
+        else:
+            self.bias = None
+        # nnx.data: the slot is a pytree child even while empty, so an adapter can be attached later.
+        self.adapter = nnx.data(None)
+
+    @classmethod
+    def from_weight(cls, weight, bias=None, **kw):
+        """A frozen linear from a (out, in) weight (PyTorch / Hugging Face layout)."""
+        out_features, in_features = weight.shape
+        return cls(in_features, out_features, use_bias=bias is not None, weight=weight,
+                   bias=bias, **kw)
+
+    def weight(self, dtype=jnp.float32):
+        """The (dequantised) base weight, (out, in)."""
+        k = self.kernel.get_value()
+        if isinstance(k, quant.QuantizedWeight):
+            return quant.dequantize(k, dtype)
+        return k.T.astype(dtype)
+
+    def base(self, x):
+        """Base matmul without bias, in the compute dtype."""
+        dtype = self.dtype or x.dtype
+        x = x.astype(dtype)
+        k = self.kernel.get_value()
+        if isinstance(k, quant.QuantizedWeight):
+            return quant.quant_matmul(x, k, dtype)
+        return x @ k.astype(dtype)
+
+    def __call__(self, x):
+        dtype = self.dtype or x.dtype
+        x = x.astype(dtype)
+        y = self.base(x)
+        if self.adapter is not None:
+            y = self.adapter(x, y, self)
+        if self.bias is not None:
+            y = y + self.bias.get_value().astype(y.dtype)
+        return y
+
+    def merged_weight(self, dtype=jnp.float32):
+        """W0 (dequantised) with the adapter folded in, (out, in)."""
+        w0 = self.weight(jnp.float32)
+        return (w0 if self.adapter is None else self.adapter.merge(w0)).astype(dtype)
+
+
+def quant_lib_quantize(weight, kind, **kw):
+    if kind not in quant.QUANT_KINDS:
+        raise ValueError(f"layer '{kw.get('name', '')}': unknown quant {kind!r}; "
+                         f"choose 'none' or one of {quant.QUANT_KINDS}")
+    return quant.quantize(np.asarray(weight) if not isinstance(weight, jax.Array) else weight,
+                          kind, **kw)
+
+
+class MoKADense(Linear):
+    """A Flax NNX dense layer = frozen kernel (dense or 4-bit) + the gated Kronecker update.
+
+        layer = MoKADense(4096, 4096, moka=MoKAConfig(r=10), quant="nf4", rngs=nnx.Rngs(0))
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, moka=None,
+                 rngs: nnx.Rngs, **kw):
+        super().__init__(in_features, out_features, rngs=rngs, **kw)
+        self.adapter = (moka or MoKAConfig()).build(self, self.name, rngs)
+
+
+def linear_paths(model) -> list[tuple[str, Linear]]:
+    """('a/b/c', module) for every Linear inside model, in graph order."""
+    return [("/".join(map(str, path)), node) for path, node in nnx.iter_graph(model)
+            if isinstance(node, Linear)]
+
+
+def attach_adapters(model, config, targets: str = DEFAULT_TARGETS, *, rngs: nnx.Rngs):
+    """Attach config.build(...) to every Linear whose path matches `targets` (re.search).
+
+    Returns the matched paths. A pattern that matches nothing is an error, never a no-op.
+    """
+    try:
+        pattern = re.compile(targets)
+    except re.error as e:
+        raise ValueError(f"target regex {targets!r} is invalid: {e}") from None
+    layers = linear_paths(model)
+    matched = [(p, m) for p, m in layers if pattern.search(p)]
+    if not matched:
+        sample = ", ".join(p for p, _ in layers[:8]) or "(the model has no Linear layers)"
+        raise ValueError(f"target regex {targets!r} matches no Linear layer; paths look like: "
+                         f"{sample}")
+    for path, layer in matched:
+        layer.adapter = config.build(layer, path, rngs)
+    return [p for p, _ in matched]
+
+
+def adapter_state(model):
+    """The trainable tree: exactly the AdapterParam variables."""
+    return nnx.state(model, AdapterParam)
+
+
+def count_params(model, var_type=AdapterParam) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, var_type)))

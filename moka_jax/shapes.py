@@ -1,0 +1,186 @@
+"""Kronecker factor shapes: validation and the deterministic shape planners.
+
+A MoKA component is ((ma, na), (mb, nb)) with ma*mb >= m and na*nb >= n. Its parameter
+count ma*na + mb*nb is smallest when ma*na is near sqrt(m*n); many aspect ratios reach that
+minimum, which is what makes "diverse filters" cheap. A MoKAs component is a prime block
+width p; its factor C is (ceil(m / k), p) with k = ceil(n / p).
+"""
+
+from __future__ import annotations
+
+import math
+
+KronShape = tuple[tuple[int, int], tuple[int, int]]
+
+# Padding above this fraction of a dim is wasted compute; dims that do not factor
+# (11008 = 2^8 * 43) still have near-exact splits well inside it.
+MAX_PAD_FRACTION = 0.05
+# Aspect ratios beyond 16:1 give kron products of very low rank for their cost.
+MAX_LOG2_ASPECT = 4.0
+
+
+def _layer(layer: str) -> str:
+    return f"layer '{layer}'" if layer else "adapter"
+
+
+def moka_params(shape: KronShape) -> int:
+    (ma, na), (mb, nb) = shape
+    return ma * na + mb * nb
+
+
+def validate_kron_shapes(shapes, m: int, n: int, layer: str = "") -> list[KronShape]:
+    """Normalise explicit shapes to tuples and check each covers (m, n)."""
+    if len(shapes) < 1:
+        raise ValueError(f"{_layer(layer)}: MoKA needs r >= 1 components, got 0 shapes")
+    out = []
+    for i, shape in enumerate(shapes):
+        try:
+            (ma, na), (mb, nb) = shape
+            ma, na, mb, nb = int(ma), int(na), int(mb), int(nb)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{_layer(layer)}: component {i} shape {shape!r} is not ((ma, na), (mb, nb))"
+            ) from None
+        if min(ma, na, mb, nb) < 1:
+            raise ValueError(f"{_layer(layer)}: component {i} shape {shape!r} has a dim < 1")
+        if ma * mb < m or na * nb < n:
+            raise ValueError(
+                f"{_layer(layer)}: component {i} A={ma}x{na}, B={mb}x{nb} covers "
+                f"{ma * mb}x{na * nb} but the weight is {m}x{n} (out x in); the rule is "
+                f"ma*mb >= {m} and na*nb >= {n}"
+            )
+        out.append(((ma, na), (mb, nb)))
+    return out
+
+
+def splits(d: int, max_pad: float = MAX_PAD_FRACTION) -> list[tuple[int, int]]:
+    """All (a, b) with a*b >= d, b = ceil(d / a), padding a*b - d <= max_pad * d."""
+    out = []
+    for a in range(1, d + 1):
+        b = -(-d // a)
+        if a * b - d <= max_pad * d:
+            out.append((a, b))
+    return out
+
+
+def _aspect(shape: KronShape) -> tuple[float, float]:
+    (ma, na), (mb, nb) = shape
+    return math.log2(ma / na), math.log2(mb / nb)
+
+
+def _candidates(m: int, n: int) -> list[KronShape]:
+    cands = []
+    for ma, mb in splits(m):
+        for na, nb in splits(n):
+            shape = ((ma, na), (mb, nb))
+            # One scalar factor would make the other a full dense dW: not a Kronecker adapter.
+            if ma * na == 1 or mb * nb == 1:
+                continue
+            cands.append(shape)
+    return cands
+
+
+def min_moka_params(m: int, n: int) -> int:
+    """Parameters of the cheapest valid component for an (m, n) weight."""
+    return min(moka_params(s) for s in _candidates(m, n))
+
+
+def plan_moka_shapes(m: int, n: int, r: int, budget: int | None = None, layer: str = ""):
+    """r diverse, valid component shapes for an (m, n) weight with total params <= budget.
+
+    budget=None allows each component 25% above the cheapest shape. Exact splits (no padding)
+    are preferred when any fit; aspect ratios beyond 16:1 only when nothing else does.
+    Shapes are chosen by farthest-point sampling over the two factors' log aspect ratios,
+    starting from the most balanced cheap shape; ties break on (params, padding, shape), so the plan is deterministic.
+    When fewer distinct shapes fit than r, the chosen list repeats (equal shapes are grouped
+    into one batched contraction at run time).
+    """
+    if r < 1:
+        raise ValueError(f"{_layer(layer)}: MoKA needs r >= 1 components, got r={r}")
+    cands = _candidates(m, n)
+    cheapest = min(moka_params(s) for s in cands)
+    cap = int(cheapest * 1.25) if budget is None else budget // r
+    fits = [s for s in cands if moka_params(s) <= cap]
+    if not fits:
+        raise ValueError(
+            f"{_layer(layer)}: parameter budget {budget} is too small for r={r} components on "
+            f"a {m}x{n} weight; the cheapest valid shape costs {cheapest} parameters, so the "
+            f"budget must be >= r * {cheapest} = {r * cheapest}"
+        )
+    # Padding wastes compute, so padded shapes are used only for dims with no exact split.
+    # A factor with a unit dim caps the product's rank at the other factor's: avoid it too.
+    fits = [s for s in fits if min(s[0] + s[1]) >= 2] or fits
+    exact = [s for s in fits if s[0][0] * s[1][0] == m and s[0][1] * s[1][1] == n]
+    pool = exact or fits
+    pool = [s for s in pool if max(map(abs, _aspect(s))) <= MAX_LOG2_ASPECT] or pool
+
+    def cost(s):
+        (ma, na), (mb, nb) = s
+        return (moka_params(s), ma * mb * na * nb - m * n, s)
+
+    first = min(pool, key=lambda s: (sum(map(abs, _aspect(s))),) + cost(s))
+    chosen = [first]
+    rest = [s for s in pool if s != first]
+    while len(chosen) < r and rest:
+        def spread(s):
+            ax, bx = _aspect(s)
+            return min(abs(ax - cx) + abs(bx - cy) for cx, cy in map(_aspect, chosen))
+
+        nxt = min(rest, key=lambda s: (-spread(s),) + cost(s))
+        chosen.append(nxt)
+        rest.remove(nxt)
+    return [chosen[i % len(chosen)] for i in range(r)]
+
+
+def is_prime(p: int) -> bool:
+    if p < 2:
+        return False
+    return all(p % d for d in range(2, math.isqrt(p) + 1))
+
+
+def mokas_block(m: int, n: int, p: int) -> tuple[int, int, int]:
+    """(k, q, p): k = ceil(n / p) diagonal blocks of a (q, p) factor, q = ceil(m / k)."""
+    k = -(-n // p)
+    return k, -(-m // k), p
+
+
+def mokas_params(m: int, n: int, p: int) -> int:
+    _, q, _ = mokas_block(m, n, p)
+    return q * p
+
+
+def validate_primes(primes, m: int, n: int, layer: str = "") -> list[int]:
+    primes = [int(p) for p in primes]
+    if len(primes) < 1:
+        raise ValueError(f"{_layer(layer)}: MoKAs needs r >= 1 block sizes, got none")
+    for p in primes:
+        if not is_prime(p):
+            raise ValueError(
+                f"{_layer(layer)}: MoKAs block size {p} is not prime; block sizes must be "
+                f"distinct primes so block boundaries of different components do not line up"
+            )
+        if p > n:
+            raise ValueError(f"{_layer(layer)}: MoKAs block size {p} exceeds the input dim {n}")
+    if len(set(primes)) != len(primes):
+        raise ValueError(f"{_layer(layer)}: MoKAs block sizes {primes} must be distinct primes")
+    return primes
+
+
+def plan_mokas_primes(m: int, n: int, r: int, budget: int | None = None, layer: str = ""):
+    """r distinct primes, the largest whose components fit budget // r parameters each.
+
+    budget=None uses the cheapest MoKA component budget, r * 2 * sqrt(m * n) rounded, so a
+    default MoKAs layer costs about what a default MoKA layer of the same r does.
+    """
+    if r < 1:
+        raise ValueError(f"{_layer(layer)}: MoKAs needs r >= 1 components, got r={r}")
+    cap = (2 * math.isqrt(m * n)) if budget is None else budget // r
+    primes = [p for p in range(2, n + 1) if is_prime(p) and mokas_params(m, n, p) <= cap]
+    if len(primes) < r:
+        need = sorted(mokas_params(m, n, p) for p in range(2, n + 1) if is_prime(p))[:r]
+        raise ValueError(
+            f"{_layer(layer)}: parameter budget {budget} is too small for r={r} MoKAs "
+            f"components on a {m}x{n} weight; the {r} cheapest distinct primes need "
+            f"{sum(need) if len(need) == r else 'more than'} parameters in total"
+        )
+    return sorted(primes[-r:])
