@@ -1,0 +1,345 @@
+"""LLaMA-family decoder in Flax NNX: RMSNorm, RoPE (default / llama3), GQA, SwiGLU, KV cache.
+
+Module paths (what adapter regexes match, see `moka_jax.nn.attach_adapters`):
+    embed/embedding                       FrozenWeight (V, D)
+    layers/{i}/attn_norm, layers/{i}/mlp_norm, norm     RMSNorm (FrozenWeight scale)
+    layers/{i}/attn/{q,k,v,o}_proj        Linear
+    layers/{i}/mlp/{gate,up,down}_proj    Linear
+    lm_head                               Linear (untied models only)
+
+Shape letters: B batch, T query tokens, S key slots, D model, N query heads, K key/value heads,
+G = N // K query heads per key/value head, H head dim, F MLP hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moka_jax.models.cache import KVCache, write_slots
+from moka_jax.nn import Linear
+from moka_jax.variables import FrozenWeight
+
+ROPE_TYPES = ("default", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    # llama3 scaling: (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
+    rope_llama3: tuple | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = 1
+    eos_token_ids: tuple = (2,)
+    pad_token_id: int | None = None
+    architecture: str = "LlamaForCausalLM"
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type {self.rope_type!r} is not supported; use one of {ROPE_TYPES}")
+        if (self.rope_type == "llama3") != (self.rope_llama3 is not None):
+            raise ValueError("rope_type 'llama3' needs rope_llama3 parameters (and only it takes them)")
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> LlamaConfig:
+        """From a Hugging Face config.json dict (transformers 4 `rope_scaling` or 5 `rope_parameters`)."""
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act {act!r} is not supported (LLaMA uses 'silu')")
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        llama3 = None
+        if rope_type == "llama3":
+            llama3 = (float(rope["factor"]), float(rope["low_freq_factor"]),
+                      float(rope["high_freq_factor"]),
+                      int(rope.get("original_max_position_embeddings",
+                                   d.get("max_position_embeddings", 2048))))
+        heads = d["num_attention_heads"]
+        eos = d.get("eos_token_id", 2)
+        eos = () if eos is None else tuple(eos) if isinstance(eos, list | tuple) else (eos,)
+        archs = d.get("architectures") or ["LlamaForCausalLM"]
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rope_type=rope_type, rope_llama3=llama3,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            attention_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False),
+            bos_token_id=d.get("bos_token_id"), eos_token_ids=eos,
+            pad_token_id=d.get("pad_token_id"), architecture=archs[0])
+
+    @classmethod
+    def from_pretrained_dir(cls, path) -> LlamaConfig:
+        file = Path(path) / "config.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no config.json in {path}")
+        return cls.from_hf_dict(json.loads(file.read_text()))
+
+    def to_hf_dict(self) -> dict:
+        """A config.json dict transformers loads as LlamaForCausalLM (or the recorded relative)."""
+        rope = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
+        if self.rope_llama3 is not None:
+            f, lo, hi, orig = self.rope_llama3
+            rope.update(factor=f, low_freq_factor=lo, high_freq_factor=hi,
+                        original_max_position_embeddings=orig)
+        model_type = {"MistralForCausalLM": "mistral"}.get(self.architecture, "llama")
+        eos = list(self.eos_token_ids)
+        return {
+            "architectures": [self.architecture], "model_type": model_type,
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
+            "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta, "rope_parameters": rope,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos[0] if len(eos) == 1 else eos,
+            "pad_token_id": self.pad_token_id,
+            **({"sliding_window": None} if model_type == "mistral" else {}),
+        }
+
+
+# ---- pure math ---------------------------------------------------------------------------
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """(H/2,) inverse frequencies in float32, as transformers computes them (incl. llama3)."""
+    dim = config.head_dim
+    inv = (1.0 / (np.float32(config.rope_theta)
+                  ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(np.float32)
+    if config.rope_llama3 is None:
+        return inv
+    factor, low, high, old_len = config.rope_llama3
+    wavelen = 2 * math.pi / inv
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+    # Between the two wavelengths, interpolate smoothly from scaled to unscaled.
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions_BT, inv_freq):
+    """cos, sin (B, T, H) in float32; halves duplicated (the HF rotate_half layout)."""
+    freqs_BTh = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+    emb_BTH = jnp.concatenate([freqs_BTh, freqs_BTh], axis=-1)
+    return jnp.cos(emb_BTH), jnp.sin(emb_BTH)
+
+
+def apply_rope(x_BTNH, cos_BTH, sin_BTH):
+    half = x_BTNH.shape[-1] // 2
+    rot = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
+    cos, sin = cos_BTH[:, :, None].astype(x_BTNH.dtype), sin_BTH[:, :, None].astype(x_BTNH.dtype)
+    return x_BTNH * cos + rot * sin
+
+
+def rms_norm(x_BTD, scale_D, eps: float):
+    x32 = x_BTD.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return y.astype(x_BTD.dtype) * scale_D.astype(x_BTD.dtype)
+
+
+def positions_from_mask(mask_BT, prior_B=None):
+    """Position of each token = real tokens before it (pads do not count; their own value is unused)."""
+    pos_BT = jnp.cumsum(mask_BT.astype(jnp.int32), axis=-1) - 1
+    if prior_B is not None:
+        pos_BT = pos_BT + prior_B[:, None]
+    return jnp.maximum(pos_BT, 0)
+
+
+def attention_mask(key_valid_BS, q_slot_T, k_slot_S):
+    """(B, T, S) bool: causal by slot and the key slot holds a real token."""
+    causal_TS = k_slot_S[None, :] <= q_slot_T[:, None]
+    return causal_TS[None] & key_valid_BS[:, None, :]
+
+
+def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+    """Grouped-query attention; scores and softmax in float32."""
+    b, t, n, h = q_BTNH.shape
+    k = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
+    s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH.astype(q_BTNH.dtype),
+                         preferred_element_type=jnp.float32) * (h ** -0.5)
+    # A finite floor, not -inf: a query with no valid key (a left-pad row) gets a uniform
+    # softmax instead of NaN; its output is never used.
+    s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, jnp.finfo(jnp.float32).min)
+    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BSKH.dtype)
+    o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS, v_BSKH)
+    return o_BTKGH.reshape(b, t, n * h).astype(q_BTNH.dtype)
+
+
+# ---- modules -----------------------------------------------------------------------------
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = FrozenWeight(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x_BTD):
+        return rms_norm(x_BTD, self.weight.get_value(), self.eps)
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, param_dtype, rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(0.02)
+        self.embedding = FrozenWeight(init(rngs.params(), (vocab, dim), param_dtype))
+
+    def __call__(self, ids_BT, dtype):
+        return jnp.take(self.embedding.get_value(), ids_BT, axis=0).astype(dtype)
+
+    def attend(self, x_BTD):
+        """Tied output head: x @ E.T."""
+        return jnp.einsum("btd,vd->btv", x_BTD, self.embedding.get_value().astype(x_BTD.dtype))
+
+
+class Attention(nnx.Module):
+    def __init__(self, c: LlamaConfig, *, linear_kw: dict, rngs: nnx.Rngs, prefix: str = ""):
+        d, h = c.hidden_size, c.head_dim
+        n, k = c.num_attention_heads, c.num_key_value_heads
+        self.n, self.k, self.h = n, k, h
+
+        def lin(i, o, name):
+            return Linear(i, o, use_bias=c.attention_bias, rngs=rngs, name=f"{prefix}{name}",
+                          **linear_kw)
+
+        self.q_proj, self.k_proj = lin(d, n * h, "q_proj"), lin(d, k * h, "k_proj")
+        self.v_proj, self.o_proj = lin(d, k * h, "v_proj"), lin(n * h, d, "o_proj")
+
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv=None, index=None):
+        b, t, _ = x_BTD.shape
+        q_BTNH = apply_rope(self.q_proj(x_BTD).reshape(b, t, self.n, self.h), cos_BTH, sin_BTH)
+        k_BTKH = apply_rope(self.k_proj(x_BTD).reshape(b, t, self.k, self.h), cos_BTH, sin_BTH)
+        v_BTKH = self.v_proj(x_BTD).reshape(b, t, self.k, self.h)
+        if kv is not None:
+            k_BTKH, v_BTKH = write_slots(kv[0], k_BTKH, index), write_slots(kv[1], v_BTKH, index)
+        out_BTD = self.o_proj(attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS))
+        return out_BTD, (k_BTKH, v_BTKH)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, c: LlamaConfig, *, linear_kw: dict, rngs: nnx.Rngs, prefix: str = ""):
+        d, f = c.hidden_size, c.intermediate_size
+
+        def lin(i, o, name):
+            return Linear(i, o, use_bias=c.mlp_bias, rngs=rngs, name=f"{prefix}{name}", **linear_kw)
+
+        self.gate_proj, self.up_proj = lin(d, f, "gate_proj"), lin(d, f, "up_proj")
+        self.down_proj = lin(f, d, "down_proj")
+
+    def __call__(self, x_BTD):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+
+
+class Block(nnx.Module):
+    def __init__(self, c: LlamaConfig, *, linear_kw: dict, param_dtype, rngs: nnx.Rngs,
+                 prefix: str = ""):
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype)
+        self.attn = Attention(c, linear_kw=linear_kw, rngs=rngs, prefix=f"{prefix}attn/")
+        self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype)
+        self.mlp = MLP(c, linear_kw=linear_kw, rngs=rngs, prefix=f"{prefix}mlp/")
+
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv=None, index=None):
+        a_BTD, kv = self.attn(self.attn_norm(x_BTD), cos_BTH, sin_BTH, mask_BTS, kv, index)
+        x_BTD = x_BTD + a_BTD
+        return x_BTD + self.mlp(self.mlp_norm(x_BTD)), kv
+
+
+def _run_block(block, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, index):
+    return block(x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, index)
+
+
+_run_block_remat = nnx.remat(_run_block)
+
+
+class Llama(nnx.Module):
+    """Causal LM. `model(ids_BT, attention_mask_BT=None)` -> logits_BTV (float32);
+    with `cache=` a KVCache it returns (logits_BTV, updated cache).
+
+    dtype: compute dtype (bf16 on accelerators; f32 for CPU parity). param_dtype: storage dtype of
+    the float frozen weights. quant: "none" | "nf4" | "int4" for every Linear (random init; real
+    checkpoints go through `moka_jax.models.hf.load_hf`). remat: checkpoint each block.
+    """
+
+    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 quant: str = "none", block_size: int = 64, double_quant: bool = False,
+                 remat: bool = False, rngs: nnx.Rngs):
+        self.config, self.dtype, self.remat = config, dtype, remat
+        linear_kw = dict(quant=quant, block_size=block_size, double_quant=double_quant,
+                         dtype=dtype, param_dtype=param_dtype)
+        c = config
+        self.embed = Embed(c.vocab_size, c.hidden_size, param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([
+            Block(c, linear_kw=linear_kw, param_dtype=param_dtype, rngs=rngs, prefix=f"layers/{i}/")
+            for i in range(c.num_hidden_layers)])
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype)
+        self.lm_head = None if c.tie_word_embeddings else Linear(
+            c.hidden_size, c.vocab_size, rngs=rngs, name="lm_head", **linear_kw)
+
+    def __call__(self, input_ids_BT, attention_mask_BT=None, cache: KVCache | None = None):
+        b, t = input_ids_BT.shape
+        mask_BT = (jnp.ones((b, t), bool) if attention_mask_BT is None
+                   else jnp.asarray(attention_mask_BT).astype(bool))
+        q_slot_T = jnp.arange(t, dtype=jnp.int32)
+        if cache is None:
+            index, key_valid_BS, k_slot_S, prior_B = None, mask_BT, q_slot_T, None
+        else:
+            index = cache.index
+            key_valid_BS = write_slots(cache.mask_BS, mask_BT, index)
+            k_slot_S = jnp.arange(cache.max_len, dtype=jnp.int32)
+            q_slot_T = q_slot_T + index
+            prior_B = jnp.sum(cache.mask_BS, axis=-1, dtype=jnp.int32)
+        cos_BTH, sin_BTH = rope_cos_sin(positions_from_mask(mask_BT, prior_B),
+                                        rope_inv_freq(self.config))
+        mask_BTS = attention_mask(key_valid_BS, q_slot_T, k_slot_S)
+
+        run = _run_block_remat if self.remat else _run_block
+        x_BTD = self.embed(input_ids_BT, self.dtype)
+        new_k, new_v = [], []
+        for i, block in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x_BTD, (k, v) = run(block, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, index)
+            new_k.append(k)
+            new_v.append(v)
+        x_BTD = self.norm(x_BTD)
+        head = self.embed.attend if self.lm_head is None else self.lm_head
+        logits_BTV = head(x_BTD).astype(jnp.float32)
+        if cache is None:
+            return logits_BTV
+        return logits_BTV, KVCache(k=tuple(new_k), v=tuple(new_v), mask_BS=key_valid_BS,
+                                   index=index + t)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        return KVCache.init(self.config, batch, max_len, dtype or self.dtype)
