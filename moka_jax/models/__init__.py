@@ -1,0 +1,1 @@
+"""Model definitions and checkpoint conversion (LLaMA, Hugging Face, GGUF)."""
