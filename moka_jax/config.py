@@ -493,11 +493,11 @@ def validate(cfg: Config, num_devices: int | None = None) -> Config:
                 raise ConfigError(f"data.{split}[{i}].path: file not found: {f.path!r} "
                                   f"(looked in {Path.cwd()} and {REPO_ROOT})")
     m = cfg.model
-    if m.path not in MODEL_KEYWORDS and not Path(m.path).expanduser().is_dir():
+    if m.path not in MODEL_KEYWORDS and not resolve_path(m.path).is_dir():
         raise ConfigError(f"model.path: {m.path!r} is neither a directory nor one of "
                           f"{list(MODEL_KEYWORDS)}")
     if m.tokenizer is not None and m.tokenizer not in TOKENIZER_KEYWORDS \
-            and not Path(m.tokenizer).expanduser().is_dir():
+            and not resolve_path(m.tokenizer).is_dir():
         raise ConfigError(f"model.tokenizer: {m.tokenizer!r} is neither a directory nor one of "
                           f"{list(TOKENIZER_KEYWORDS)}")
     if num_devices is not None:
