@@ -1,7 +1,7 @@
 """One dataclass tree for a training run: YAML in, `--set a.b=v` overrides, validated early.
 
     cfg = load_config("configs/tiny-debug.yaml", ["train.lr=1e-4", "adapter.r=8"])
-    validate(cfg, num_devices=jax.device_count())    # files exist, mesh fits the devices
+    validate(cfg, num_devices=jax.device_count())    # + model path exists, mesh fits
 
 Rules
 - A YAML file may `inherit: other.yaml` (relative to itself); mappings merge key by key,
@@ -187,11 +187,14 @@ class _Sources:
         self.by_key: dict[str, str] = {}
 
     def record(self, d, source: str, prefix: str = ""):
-        for key in _leaf_keys(d, prefix):
+        for key in _leaf_keys(d, re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", prefix)):
+            self.by_key.pop(key, None)  # keep insertion order = recency
             self.by_key[key] = source
 
     def of(self, key: str) -> str:
-        hits = [s for k, s in self.by_key.items() if k == key or k.startswith((key + ".", key + "["))
+        if key in self.by_key:
+            return self.by_key[key]
+        hits = [s for k, s in self.by_key.items() if k.startswith((key + ".", key + "["))
                 or key.startswith((k + ".", k + "["))]
         return hits[-1] if hits else self.default
 
@@ -483,15 +486,20 @@ def resolve_path(path: str) -> Path:
     return REPO_ROOT / p if (REPO_ROOT / p).exists() else p
 
 
+def _check_data_files(cfg: Config, sources: _Sources):
+    for split in ("train", "val"):
+        for i, f in enumerate(getattr(cfg.data, split)):
+            if not resolve_path(f.path).is_file():
+                key = f"data.{split}[{i}].path"
+                _error(sources, key, f"{key}: file not found: {f.path!r} "
+                       f"(looked in {Path.cwd()} and {REPO_ROOT})")
+
+
 def validate(cfg: Config, num_devices: int | None = None) -> Config:
     """The checks that need the environment: files exist, the mesh fits `num_devices`."""
     sources = _Sources("config")
     _check(cfg, sources)
-    for split in ("train", "val"):
-        for i, f in enumerate(getattr(cfg.data, split)):
-            if not resolve_path(f.path).is_file():
-                raise ConfigError(f"data.{split}[{i}].path: file not found: {f.path!r} "
-                                  f"(looked in {Path.cwd()} and {REPO_ROOT})")
+    _check_data_files(cfg, sources)
     m = cfg.model
     if m.path not in MODEL_KEYWORDS and not resolve_path(m.path).is_dir():
         raise ConfigError(f"model.path: {m.path!r} is neither a directory nor one of "
@@ -589,6 +597,7 @@ def _apply_override(d: dict, override: str, sources: _Sources) -> dict:
     if not key or any(not p for p in parts):
         raise ConfigError(f"--set {override!r}: bad key {key!r}")
     if parts == ["adapter", "kind"] and isinstance(d.get("adapter"), dict):
+        sources.record(value, f"--set {override}", key)
         return _merge(d, {"adapter": {"kind": value}})
     node = d
     for i, p in enumerate(parts[:-1]):
@@ -616,8 +625,8 @@ def _apply_override(d: dict, override: str, sources: _Sources) -> dict:
 
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
-    """YAML file (+ inherit chain) -> overrides -> Config. Structural checks only; call
-    validate(cfg, num_devices) before building anything."""
+    """YAML file (+ inherit chain) -> overrides -> Config, with the structural checks and the
+    data files' existence. validate(cfg, num_devices) adds the model path and the mesh."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -627,7 +636,9 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
         d = _apply_override(d, o, sources)
     if not d.get("name"):
         d["name"] = path.stem
-    return config_from_dict(d, source=str(path), _sources=sources)
+    cfg = config_from_dict(d, source=str(path), _sources=sources)
+    _check_data_files(cfg, sources)
+    return cfg
 
 
 def add_config_args(parser):

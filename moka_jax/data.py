@@ -404,7 +404,8 @@ class BatchIterator:
         self.epoch, self.position = 0, 0
         self._plan_epoch, self._plan = None, None
         if not self.plan(0):
-            raise DataError(f"{len(data)} examples make no batch of {batch_size}")
+            raise DataError(f"{len(data)} examples (after filtering and the val split) make no "
+                            f"batch of {batch_size}; lower train.batch_size or add data")
 
     def _pool(self, rng) -> np.ndarray:
         """The epoch's example indices: all of them, or a weighted draw per file."""

@@ -75,6 +75,10 @@ def test_defaults_and_flat_adapter_dict():
     assert d["data"]["train"] == [{"path": TRAIN_FILE, "weight": None, "limit": None}]
     assert C.config_from_dict(minimal(adapter={"kind": "mokas", "primes": [3, 5]})).adapter.config \
         == MoKAsConfig(primes=(3, 5))
+    shapes = [[[8, 8], [8, 8]], [[2, 32], [32, 2]]]
+    cfg = C.config_from_dict(minimal(adapter={"shapes": shapes}))
+    assert cfg.adapter.config.shapes == (((8, 8), (8, 8)), ((2, 32), (32, 2)))
+    assert cfg.to_dict()["adapter"]["shapes"] == shapes and C.config_from_dict(cfg.to_dict()) == cfg
 
 
 def test_yaml_exponent_without_dot_is_a_float(tmp_path):
@@ -167,6 +171,9 @@ def test_unknown_section_and_override_key(tmp_path):
     assert "'train.warmup'" in msg and "did you mean 'train.warmup_steps'?" in msg
     assert "--set train.warmup=10" in msg
     assert "expected key=value" in error(C.load_config, p, ["train.lr"])
+    msg = error(C.load_config, p, ["data.train.0.wieght=2"])
+    assert msg.startswith("--set data.train.0.wieght=2: unknown key 'data.train[0].wieght'")
+    assert "did you mean 'data.train[0].weight'?" in msg
 
 
 def test_adapter_errors():
@@ -217,10 +224,15 @@ def test_cutoff_larger_than_largest_bucket():
     assert "strictly increasing" in error(C.config_from_dict, minimal(data={"buckets": [128, 64]}))
 
 
-def test_missing_train_file_names_path():
-    cfg = C.config_from_dict(minimal(data={"train": [TRAIN_FILE, "data/nope/train.json"]}))
-    msg = error(C.validate, cfg)
+def test_missing_train_file_names_path(tmp_path):
+    d = minimal(data={"train": [TRAIN_FILE, "data/nope/train.json"]})
+    msg = error(C.validate, C.config_from_dict(d))
     assert "data.train[1].path" in msg and "data/nope/train.json" in msg and "not found" in msg
+    p = write(tmp_path / "c.yaml", d)
+    msg = error(C.load_config, p)  # load_config checks data files too
+    assert str(p) in msg and "data.train[1].path" in msg and "data/nope/train.json" in msg
+    msg = error(C.load_config, write(tmp_path / "c.yaml", minimal()), ["data.val=[x.json]"])
+    assert "--set data.val=[x.json]" in msg and "data.val[0].path" in msg and "'x.json'" in msg
 
 
 def test_invalid_regex():
