@@ -103,6 +103,8 @@ class DataConfig:
     val: list[DataFile] = field(default_factory=list)
     val_size: int = 0              # records held out of the training mixture for validation
     format: str = field(default="auto", metadata=_choices("auto", "alpaca", "commonsense"))
+    # alpaca: tloen/alpaca-lora's text; llm-adapters: LLM-Adapters' finetune.py string byte for
+    # byte (16-space indents, trailing spaces); chat: the tokenizer's chat template
     template: str = field(default="alpaca", metadata=_choices("alpaca", "llm-adapters", "chat"))
     train_on_inputs: bool = False
     add_eos: bool = True
