@@ -1,0 +1,188 @@
+"""The NNX LLaMA against transformers (f32, tiny random configs): logits, padding, KV cache."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moka_jax.adapters import MoKAConfig
+from moka_jax.models.hf import load_hf
+from moka_jax.models.llama import Llama, LlamaConfig, rope_inv_freq
+from moka_jax.nn import DEFAULT_TARGETS, attach_adapters
+
+from tests.models.conftest import TINY, hf_logits, save_tiny, tiny_hf_model
+
+TOL = 1e-4
+
+
+@nnx.jit
+def forward(model, ids_BT, mask_BT=None):
+    # One compile per shape instead of op-by-op dispatch: keeps the suite fast on CPU.
+    return model(ids_BT, mask_BT)
+
+
+def run(model, ids, mask=None):
+    return np.asarray(forward(model, jnp.asarray(ids), None if mask is None else jnp.asarray(mask)))
+
+
+def random_ids(shape, vocab, seed=0):
+    return np.random.RandomState(seed).randint(0, vocab, shape).astype(np.int32)
+
+
+def left_padded_mask(b, t, pads):
+    mask = np.ones((b, t), np.int32)
+    for row, p in enumerate(pads):
+        mask[row, :p] = 0
+    return mask
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    name, path, hf = tiny_dir
+    model, config = load_hf(path, "none", dtype=jnp.float32)
+    return name, hf, model, config
+
+
+def test_logits_match_transformers(tiny):
+    name, hf, model, config = tiny
+    ids = random_ids((3, 12), config.vocab_size)
+    ref = hf_logits(hf, ids)
+    diff = np.abs(run(model, ids, np.ones_like(ids)) - ref).max()
+    assert diff <= TOL, f"{name}: max abs diff {diff:.2e}"
+    assert np.abs(ref).max() > 1.0  # logits not trivially small
+
+
+def test_left_padding_matches_transformers_and_unpadded(tiny):
+    name, hf, model, config = tiny
+    ids = random_ids((3, 12), config.vocab_size, seed=1)
+    mask = left_padded_mask(3, 12, pads=[0, 3, 7])
+    pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
+    out = run(model, ids, mask)
+    ref = hf_logits(hf, ids, mask, pos)
+    valid = mask.astype(bool)
+    diff = np.abs(out[valid] - ref[valid]).max()
+    assert diff <= TOL, f"{name}: padded max abs diff {diff:.2e}"
+    alone = run(model, ids[2:3, 7:])[0]  # the most padded row, on its own
+    assert np.abs(alone - out[2, 7:]).max() <= TOL
+
+
+def test_right_padding_equals_unpadded(tmp_path):
+    hf = tiny_hf_model("llama3")
+    model, config = load_hf(save_tiny(hf, tmp_path / "hf"), "none", dtype=jnp.float32)
+    ids = random_ids((2, 10), config.vocab_size, seed=2)
+    mask = np.ones((2, 10), np.int32)
+    mask[1, 6:] = 0
+    out = run(model, ids, mask)
+    alone = run(model, ids[1:, :6])[0]
+    assert np.abs(out[1, :6] - alone).max() <= TOL
+
+
+def test_kv_cache_incremental_equals_full_forward(tmp_path):
+    chunks = (4, 4, 1, 1, 1)  # prefill, a chunked prefill, then single decode steps
+    hf = tiny_hf_model("llama3", seed=3)
+    model, config = load_hf(save_tiny(hf, tmp_path / "hf"), "none", dtype=jnp.float32)
+    t = sum(chunks)
+    ids = random_ids((2, t), config.vocab_size, seed=4)
+    mask = left_padded_mask(2, t, pads=[0, 3])
+    full = run(model, ids, mask)
+    cache = model.init_cache(2, t + 2)
+    step = nnx.jit(lambda m, i, k, c: m(i, k, cache=c))
+    start, got = 0, []
+    for n in chunks:
+        logits, cache = step(model, jnp.asarray(ids[:, start:start + n]),
+                             jnp.asarray(mask[:, start:start + n]), cache)
+        got.append(np.asarray(logits))
+        start += n
+    got = np.concatenate(got, axis=1)
+    valid = mask.astype(bool)
+    assert np.abs(got[valid] - full[valid]).max() <= TOL
+    assert int(cache.index) == t
+
+
+def test_remat_and_jit_give_the_same_logits(tmp_path):
+    hf = tiny_hf_model("smollm2")
+    path = save_tiny(hf, tmp_path / "hf")
+    model, _ = load_hf(path, "none", dtype=jnp.float32)
+    remat, _ = load_hf(path, "none", dtype=jnp.float32, remat=True)
+    ids = jnp.asarray(random_ids((2, 9), 192))
+    ref = run(model, ids)
+    assert np.abs(run(remat, ids) - ref).max() <= 1e-5
+
+    def loss(m):
+        return jnp.mean(m(ids) ** 2)
+
+    grad = nnx.jit(nnx.grad(loss, argnums=nnx.DiffState(0, nnx.Variable)))
+    g1, g2 = grad(model), grad(remat)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        assert np.allclose(a, b, atol=1e-5)
+
+
+def test_rope_inv_freq_matches_transformers():
+    from transformers import LlamaConfig as HFConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_cfg = HFConfig(**TINY["llama3"])
+    ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+    ours = rope_inv_freq(LlamaConfig.from_hf_dict(hf_cfg.to_dict()))
+    np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-6)
+
+
+def test_config_round_trips_through_transformers():
+    from transformers import LlamaConfig as HFConfig
+
+    for name in TINY:
+        ours = LlamaConfig.from_hf_dict(HFConfig(**TINY[name]).to_dict())
+        back = LlamaConfig.from_hf_dict(HFConfig(**ours.to_hf_dict()).to_dict())
+        assert back == ours, name
+
+
+def test_transformers_4_style_rope_scaling_is_read():
+    d = dict(TINY["llama3"], rope_theta=500000.0)
+    d["rope_scaling"] = dict(d.pop("rope_parameters"), rope_type="llama3")
+    del d["rope_scaling"]["rope_theta"]
+    c = LlamaConfig.from_hf_dict(d)
+    assert c.rope_type == "llama3" and c.rope_theta == 500000.0
+    assert c.rope_llama3 == (8.0, 1.0, 4.0, 32)
+
+
+def test_unsupported_rope_type_is_an_error():
+    d = dict(TINY["llama2"], rope_parameters={"rope_type": "yarn", "factor": 2.0})
+    with pytest.raises(ValueError, match="rope_type 'yarn'"):
+        LlamaConfig.from_hf_dict(d)
+
+
+def tiny_config(**kw):
+    base = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    return LlamaConfig(**{**base, **kw})
+
+
+def test_default_adapters_hit_q_and_v_of_every_layer_and_start_at_zero():
+    model = Llama(tiny_config(), rngs=nnx.Rngs(0))
+    ids = jnp.asarray(random_ids((2, 8), 128))
+    before = run(model, ids)
+    paths = attach_adapters(model, MoKAConfig(r=2), DEFAULT_TARGETS, rngs=nnx.Rngs(1))
+    assert len(paths) == 2 * model.config.num_hidden_layers
+    assert sorted(paths) == sorted(f"layers/{i}/attn/{p}" for i in range(3)
+                                   for p in ("q_proj", "v_proj"))
+    np.testing.assert_array_equal(run(model, ids), before)  # dW = 0 exactly at init
+
+
+def test_regex_reaches_every_linear_without_surgery():
+    model = Llama(tiny_config(), rngs=nnx.Rngs(0))
+    from moka_jax.nn import linear_paths
+
+    names = {p.rsplit("/", 1)[-1] for p, _ in linear_paths(model)}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                     "lm_head"}
+    tied = Llama(tiny_config(tie_word_embeddings=True), rngs=nnx.Rngs(0))
+    assert "lm_head" not in {p for p, _ in linear_paths(tied)}
+
+
+def test_nf4_random_init_and_bf16_compute_run():
+    model = Llama(tiny_config(), quant="nf4", dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    ids = jnp.asarray(random_ids((2, 8), 128))
+    logits = forward(model, ids)
+    assert logits.dtype == jnp.float32 and logits.shape == (2, 8, 128)
+    assert np.isfinite(np.asarray(logits)).all()
