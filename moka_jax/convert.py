@@ -1,0 +1,201 @@
+"""Convert a Hugging Face LLaMA directory to a quantised moka_jax checkpoint (orbax), and load it.
+
+    python -m moka_jax.convert SRC DST --quant nf4|int4|none [--double-quant] [--overwrite]
+
+SRC is a HF directory or the word `smollm2` (the embedded SmolLM2-135M-Instruct). DST holds:
+    state/               orbax StandardCheckpointer: the frozen tree (4-bit leaves included)
+    quant.json           static fields of each QuantizedWeight (kind, shape, block size, ...)
+    moka_convert.json    dtype, quant settings, source
+    config.json + tokenizer files (copied from SRC)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moka_jax.models.hf import (
+    atomic_output_dir,
+    copy_tokenizer_files,
+    default_dtype,
+    load_hf,
+    read_config,
+)
+from moka_jax.models.llama import Llama, LlamaConfig
+from moka_jax.nn import Linear
+from moka_jax.quant import QuantizedWeight
+
+META_FILE = "moka_convert.json"
+QUANT_FILE = "quant.json"
+STATE_DIR = "state"
+
+
+def is_converted(path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def resolve_source(src) -> Path:
+    """A HF directory; `smollm2` is the embedded default, converted from its GGUF on first use."""
+    if str(src) == "smollm2":
+        from moka_jax.models.gguf import ensure_smollm2
+
+        return ensure_smollm2()
+    return Path(src)
+
+
+def _static_fields(q: QuantizedWeight) -> dict:
+    return {f.name: getattr(q, f.name) for f in dataclasses.fields(q)
+            if not f.metadata.get("pytree_node", True)}
+
+
+def _array_fields(q: QuantizedWeight) -> dict:
+    return {f.name: getattr(q, f.name) for f in dataclasses.fields(q)
+            if f.metadata.get("pytree_node", True) and getattr(q, f.name) is not None}
+
+
+def _frozen_leaves(model) -> dict[str, object]:
+    """'a/b/c' -> value for every frozen variable (a QuantizedWeight counts as one value)."""
+    flat = nnx.to_flat_state(nnx.state(model))
+    return {"/".join(map(str, path)): var.get_value() for path, var in flat}
+
+
+def _nest(flat: dict) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}/{k}" if prefix else k
+        out.update(_flatten(v, path) if isinstance(v, dict) else {path: v})
+    return out
+
+
+def save_converted(model: Llama, config: LlamaConfig, dst, *, tokenizer_dir=None,
+                   overwrite: bool = False, meta: dict | None = None) -> Path:
+    """Write the model's frozen tree with orbax plus config / tokenizer; atomic like save_hf."""
+    import orbax.checkpoint as ocp
+
+    if any(isinstance(node, Linear) and node.adapter is not None
+           for _, node in nnx.iter_graph(model)):
+        raise ValueError("save_converted stores the frozen base only; this model has adapters "
+                         "(save them with the training checkpoint, or merge with save_hf)")
+    arrays, quant_meta = {}, {}
+    for path, value in _frozen_leaves(model).items():
+        if isinstance(value, QuantizedWeight):
+            quant_meta[path] = _static_fields(value)
+            arrays.update({f"{path}/{k}": v for k, v in _array_fields(value).items()})
+        else:
+            arrays[path] = value
+    with atomic_output_dir(dst, overwrite) as tmp:
+        ckpt = ocp.StandardCheckpointer()
+        ckpt.save(tmp / STATE_DIR, _nest(arrays))
+        ckpt.wait_until_finished()
+        (tmp / QUANT_FILE).write_text(json.dumps(quant_meta, indent=1))
+        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+        info = {"dtype": jnp.dtype(model.dtype).name, **(meta or {})}
+        (tmp / META_FILE).write_text(json.dumps(info, indent=2))
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+    return Path(dst)
+
+
+def load_converted(path, *, remat: bool = False) -> tuple[Llama, LlamaConfig]:
+    """The model written by save_converted / convert (no random init, no re-quantisation)."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    if not is_converted(path):
+        raise FileNotFoundError(f"{path / META_FILE}: missing; not a `python -m moka_jax.convert` "
+                                f"output directory")
+    info = json.loads((path / META_FILE).read_text())
+    dtype = jnp.dtype(info["dtype"])
+    config = read_config(path)
+    quant_meta = json.loads((path / QUANT_FILE).read_text())
+    model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, param_dtype=dtype, remat=remat,
+                                         rngs=nnx.Rngs(0)))
+    arrays = _flatten(ocp.StandardCheckpointer().restore(path / STATE_DIR))
+    for var_path in _frozen_leaves(model):
+        if var_path in quant_meta:
+            static = dict(quant_meta[var_path])
+            static["shape"] = tuple(static["shape"])
+            leaves = {k.rsplit("/", 1)[1]: v for k, v in arrays.items()
+                      if k.rsplit("/", 1)[0] == var_path}
+            value = QuantizedWeight(**leaves, **static)
+            # The skeleton was built dense; the Linear dispatches on the kernel's type.
+            layer = _node(model, var_path.rsplit("/", 1)[0])
+            layer.quant = value.kind
+        elif var_path in arrays:
+            value = arrays[var_path]
+        else:
+            raise ValueError(f"{path / STATE_DIR}: no array for {var_path}")
+        _node(model, var_path).set_value(value)
+    return model, config
+
+
+def _node(model, path: str):
+    node = model
+    for part in path.split("/"):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
+def convert(src, dst, *, quant: str = "nf4", dtype=None, block_size: int = 64,
+            double_quant: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
+    src = resolve_source(src)
+    dtype = dtype or default_dtype()
+    model, config = load_hf(src, quant, dtype=dtype, block_size=block_size,
+                            double_quant=double_quant, progress=progress)
+    meta = {"quant": quant, "block_size": block_size, "double_quant": double_quant,
+            "source": str(Path(src).absolute())}
+    return save_converted(model, config, dst, tokenizer_dir=src, overwrite=overwrite, meta=meta)
+
+
+def frozen_nbytes(model) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m moka_jax.convert", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("src", help="Hugging Face directory, or `smollm2`")
+    ap.add_argument("dst")
+    ap.add_argument("--quant", default="nf4", choices=("nf4", "int4", "none"))
+    ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                    help="float dtype of embeddings / norms / lm_head and compute "
+                         "(default: f32 on CPU, bf16 on accelerators)")
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--double-quant", action="store_true")
+    ap.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        dst = convert(args.src, args.dst, quant=args.quant,
+                      dtype=jnp.dtype(args.dtype) if args.dtype else None,
+                      block_size=args.block_size, double_quant=args.double_quant,
+                      overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size = sum(f.stat().st_size for f in Path(dst).rglob("*") if f.is_file())
+    print(f"wrote {dst} ({size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
