@@ -112,7 +112,7 @@ def _st_dtype_name(dtype) -> str:
     return {np.dtype(v): k for k, v in _ST_DTYPES.items()}[np.dtype(dtype)]
 
 
-def _write_safetensors(file: Path, tensors: list[tuple[str, tuple, np.dtype, callable]]):
+def write_safetensors(file: Path, tensors: list[tuple[str, tuple, np.dtype, callable]]):
     """Write (name, shape, dtype, get_array) one tensor at a time; arrays are built lazily."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape, dtype, _ in tensors:
@@ -271,7 +271,10 @@ def load_hf(path, quant: str = "nf4", *, dtype=None, block_size: int = 64,
     model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, param_dtype=dtype, quant="none",
                                          remat=remat, rngs=nnx.Rngs(0)))
     biases = {s.path: s.hf_name for s in specs if s.kind == "bias"}
-    todo = [s for s in specs if s.kind != "bias"]
+    # Float tensors (embeddings, lm_head) first: their transient copies then coincide with a
+    # nearly empty model instead of adding to the full 4-bit one at the end (peak RSS).
+    todo = sorted((s for s in specs if s.kind != "bias"),
+                  key=lambda s: s.kind == "linear" and s.path != "lm_head")
     if progress:
         from tqdm import tqdm
         todo = tqdm(todo, desc=f"load {path.name} ({quant})", unit="tensor")
@@ -366,7 +369,7 @@ def save_hf(model: Llama, config: LlamaConfig, out_dir, *, tokenizer_dir=None, m
                  [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
         weight_map = {}
         for name, shard in zip(names, shards):
-            _write_safetensors(tmp / name, [(s.hf_name, s.shape, dtype,
+            write_safetensors(tmp / name, [(s.hf_name, s.shape, dtype,
                                              _tensor_getter(model, s, merged)) for s in shard])
             weight_map.update({s.hf_name: name for s in shard})
         if n > 1:

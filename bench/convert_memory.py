@@ -1,0 +1,159 @@
+"""Peak host memory of streaming a ~1B bf16 LLaMA checkpoint into nf4 with `load_hf`.
+
+Builds a random checkpoint (TinyLlama-1.1B shapes: 22 layers, d 2048, GQA 32/4, MLP 5632,
+vocab 32000, untied) as sharded bf16 safetensors, written tensor by tensor, in a temp dir that
+is deleted afterwards. Then a fresh subprocess imports jax, records its baseline RSS, and runs
+`load_hf(dir, "nf4", dtype=bfloat16)`; its peak RSS comes from getrusage(RUSAGE_CHILDREN).
+Embeddings, norms and lm_head stay bf16 (as load_hf keeps them), every other linear is nf4.
+
+    python bench/convert_memory.py [--layers 22] [--tmp /tmp] [--keep]
+
+Last stdout line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+SHARD_BYTES = 500 * 2**20
+
+
+def tinyllama_config(layers: int) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
+            "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": layers,
+            "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 64,
+            "hidden_act": "silu", "rms_norm_eps": 1e-5, "max_position_embeddings": 2048,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "dtype": "bfloat16"}
+
+
+def build_checkpoint(out: Path, config: dict) -> tuple[int, int]:
+    """Sharded bf16 safetensors + index; one tensor in memory at a time. Returns (bytes, params)."""
+    from moka_jax.models.hf import hf_tensor_specs, write_safetensors
+    from moka_jax.models.llama import LlamaConfig
+
+    specs = hf_tensor_specs(LlamaConfig.from_hf_dict(config))
+    need, free = sum(int(np.prod(s.shape)) * 2 for s in specs), shutil.disk_usage(out).free
+    if need > 0.9 * free:
+        raise RuntimeError(f"{out}: the checkpoint needs {need / 2**30:.1f} GiB, "
+                           f"{free / 2**30:.1f} GiB free")
+    rng = np.random.default_rng(0)
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+
+    def make(shape, is_norm):
+        if is_norm:
+            return np.ones(shape, bf16)
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(bf16)
+
+    shards, size = [[]], 0
+    for s in specs:
+        nbytes = int(np.prod(s.shape)) * 2
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += nbytes
+    weight_map, bar = {}, tqdm(total=len(specs), desc="write bf16 checkpoint", unit="tensor",
+                               file=sys.stderr)
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+
+        def getter(s):
+            def get():
+                bar.update()
+                return make(s.shape, "norm" in s.hf_name)
+            return get
+
+        write_safetensors(out / name, [(s.hf_name, s.shape, bf16, getter(s)) for s in shard])
+        weight_map.update({s.hf_name: name for s in shard})
+    bar.close()
+    total = sum((out / f).stat().st_size for f in set(weight_map.values()))
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (out / "config.json").write_text(json.dumps(config))
+    return total, sum(int(np.prod(s.shape)) for s in specs)
+
+
+def child(path: str) -> None:
+    """Runs in the fresh subprocess: baseline RSS after imports, then the streaming nf4 load."""
+    import psutil
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from moka_jax.models.hf import load_hf
+
+    jax.devices()  # the CPU client is part of the baseline
+    baseline = psutil.Process().memory_info().rss
+    t0 = time.perf_counter()
+    model, _ = load_hf(path, "nf4", dtype=jnp.bfloat16, progress=True)
+    jax.block_until_ready(nnx.state(model))
+    seconds = time.perf_counter() - t0
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    print(json.dumps({"baseline_rss_bytes": baseline, "nf4_model_bytes": nbytes,
+                      "conversion_seconds": round(seconds, 1),
+                      "rss_after_load_bytes": psutil.Process().memory_info().rss}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=22, help="22 = TinyLlama-1.1B")
+    ap.add_argument("--tmp", default=tempfile.gettempdir())
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoint (prints its path)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child)
+
+    config = tinyllama_config(args.layers)
+    work = Path(tempfile.mkdtemp(prefix="moka_convert_bench_", dir=args.tmp))
+    try:
+        t0 = time.perf_counter()
+        ckpt_bytes, params = build_checkpoint(work, config)
+        build_seconds = time.perf_counter() - t0
+        env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
+                   PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+        proc = subprocess.run([sys.executable, __file__, "--child", str(work)], env=env,
+                              stdout=subprocess.PIPE, text=True, check=True)
+        child_out = json.loads(proc.stdout.strip().splitlines()[-1])
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+    finally:
+        if args.keep:
+            print(f"checkpoint kept at {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    base = child_out["baseline_rss_bytes"]
+    print(json.dumps({
+        "checkpoint_params": params, "checkpoint_bytes": ckpt_bytes,
+        "nf4_model_bytes": child_out["nf4_model_bytes"], "peak_rss_bytes": peak,
+        "baseline_rss_bytes": base,
+        "peak_rss_over_bf16_checkpoint": round(peak / ckpt_bytes, 3),
+        "peak_rss_minus_baseline_over_bf16_checkpoint": round((peak - base) / ckpt_bytes, 3),
+        "rss_after_load_bytes": child_out["rss_after_load_bytes"],
+        "conversion_seconds": child_out["conversion_seconds"],
+        "build_seconds": round(build_seconds, 1),
+        "config": {k: config[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
+                                          "num_attention_heads", "num_key_value_heads",
+                                          "vocab_size")},
+        "float_dtype": "bfloat16", "quant": "nf4", "block_size": 64,
+    }))
+
+
+if __name__ == "__main__":
+    main()
