@@ -144,3 +144,16 @@ def adapter_state(model):
 
 def count_params(model, var_type=AdapterParam) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, var_type)))
+
+
+def base_param_count(model) -> int:
+    """Parameters of the frozen base, counting a 4-bit weight by its original (out, in) shape."""
+    total = 0
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, FrozenWeight):
+            v = node.get_value()
+            if isinstance(v, quant.QuantizedWeight):
+                total += int(np.prod(v.shape))
+            elif v is not None:
+                total += sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v))
+    return total

@@ -1,0 +1,240 @@
+"""The training run: config -> model + adapters -> sharded jitted steps -> checkpoints, metrics, plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from moka_jax import data as data_lib
+from moka_jax import nn
+from moka_jax.adapters import MoKA, MoKAs, adapter_config_to_dict
+from moka_jax.config import Config, resolve_path, validate
+from moka_jax.train import sharding
+from moka_jax.train.checkpoint import TrainCheckpointer, local_numpy, save_adapter
+from moka_jax.train.metrics import MetricsWriter, plot_gates, plot_loss, read_metrics
+from moka_jax.train.optim import make_optimizer
+from moka_jax.train.step import TrainStep, split_model
+
+# Keys that may change between a run and its resumption without changing what is trained.
+_VOLATILE = {"train": {"steps", "log_every", "eval_every", "eval_batches", "save_every",
+                       "keep_last", "resume", "out_dir"}, "mesh": None}
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.train.out_dir.format(name=cfg.name or "run")).absolute()
+
+
+def fingerprint(cfg: Config) -> dict:
+    d = cfg.to_dict()
+    for section, keys in _VOLATILE.items():
+        if keys is None:
+            d.pop(section, None)
+        else:
+            for k in keys:
+                d.get(section, {}).pop(k, None)
+    return d
+
+
+def compute_dtype(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def model_source(cfg: Config) -> Path | None:
+    """The HF directory of the base model (None for the random tiny model)."""
+    if cfg.model.path == "random":
+        return None
+    if cfg.model.path == "smollm2":
+        from moka_jax.models.gguf import ensure_smollm2
+        return ensure_smollm2()
+    return resolve_path(cfg.model.path)
+
+
+def tokenizer_spec(cfg: Config, source: Path | None) -> str:
+    if cfg.model.tokenizer is not None:
+        return cfg.model.tokenizer
+    return "bytes" if source is None else str(source)
+
+
+def build_base_model(cfg: Config, source: Path | None):
+    """(model, LlamaConfig): the random tiny model or a streamed, quantised HF checkpoint."""
+    from moka_jax.models.llama import Llama, LlamaConfig
+
+    mc = cfg.model
+    dtype = compute_dtype(mc.dtype)
+    if source is None:
+        t = mc.tiny
+        lc = LlamaConfig(vocab_size=t.vocab, hidden_size=t.hidden, intermediate_size=t.intermediate,
+                         num_hidden_layers=t.layers, num_attention_heads=t.heads,
+                         num_key_value_heads=t.kv_heads, head_dim=t.hidden // t.heads,
+                         rope_theta=t.rope_theta, max_position_embeddings=t.max_position,
+                         tie_word_embeddings=t.tie_embeddings)
+        # The base is seeded independently of train.seed: changing the adapter init seed must
+        # not change the "pretrained" model.
+        model = Llama(lc, dtype=dtype, quant=mc.quant, block_size=mc.block_size,
+                      double_quant=mc.double_quant, remat=mc.remat, rngs=nnx.Rngs(1234))
+        return model, lc
+    from moka_jax.models.hf import load_hf
+    return load_hf(source, mc.quant, dtype=dtype, block_size=mc.block_size,
+                   double_quant=mc.double_quant, remat=mc.remat, progress=True)
+
+
+def gate_weights(model) -> dict[str, np.ndarray]:
+    """{layer path: alpha} for every gated MoKA / MoKAs adapter."""
+    out = {}
+    for path, layer in nn.linear_paths(model):
+        a = layer.adapter
+        if isinstance(a, MoKA | MoKAs) and a.gated:
+            out[path] = np.asarray(a.alpha())
+    return out
+
+
+def train(cfg: Config, *, max_steps: int | None = None, quiet: bool = False) -> dict:
+    """Run (or resume) training. max_steps stops early (as a crash would), for tests."""
+    sharding.initialize_distributed(cfg.mesh.distributed)
+    validate(cfg, num_devices=jax.device_count())
+    is_main = jax.process_index() == 0
+    out_dir = run_dir(cfg)
+    ckpt = TrainCheckpointer(out_dir, fingerprint(cfg), keep_last=cfg.train.keep_last)
+    ckpt.check_same_run()  # before any heavy work: never overwrite another run's checkpoints
+
+    source = model_source(cfg)
+    tokenizer = data_lib.load_tokenizer(tokenizer_spec(cfg, source))
+    train_data, val_data = data_lib.build_datasets(cfg.data, tokenizer)
+    pad = data_lib.pad_id(tokenizer)
+    batches = data_lib.BatchIterator(train_data, cfg.train.batch_size, cfg.data.buckets,
+                                     seed=cfg.data.seed, pad_id=pad)
+
+    model, lconfig = build_base_model(cfg, source)
+    if len(tokenizer) > lconfig.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's embedding has "
+                         f"{lconfig.vocab_size} rows; use the model's own tokenizer")
+    targets = nn.attach_adapters(model, cfg.adapter.config, cfg.adapter.targets,
+                                 rngs=nnx.Rngs(params=cfg.train.seed))
+    n_train, n_base = nn.count_params(model), nn.base_param_count(model)
+
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    graphdef, params, frozen = split_model(model)
+    del model
+    frozen = sharding.place_frozen(frozen, mesh)
+    params = sharding.replicate(params, mesh)
+    tx = make_optimizer(cfg.train)
+    opt_state = sharding.replicate(tx.init(params), mesh)
+    step_fn = TrainStep(graphdef, tx)
+
+    start = 0
+    if cfg.train.resume and ckpt.latest_step() is not None:
+        params, opt_state, meta = ckpt.restore(params, opt_state)
+        batches.restore(meta["data"])
+        start = int(meta["step"])
+
+    writer = MetricsWriter(out_dir, enabled=is_main)
+    summary = {"run_dir": str(out_dir), "trainable_params": n_train, "base_params": n_base,
+               "trainable_ratio": n_train / n_base, "adapted_layers": len(targets),
+               "adapter": cfg.adapter.kind, "resumed_from": start}
+    if is_main and not quiet:
+        print(f"[moka_jax] {cfg.adapter.kind} on {len(targets)} layers: trainable params "
+              f"{n_train:,} = {100 * n_train / n_base:.4f}% of the base's {n_base:,}"
+              + (f"; resuming at step {start}" if start else ""))
+
+    total = cfg.train.steps if max_steps is None else min(cfg.train.steps, max_steps)
+    losses = []
+    bar = tqdm(range(start, total), initial=start, total=cfg.train.steps, disable=not is_main
+               or quiet, desc=cfg.name or "train", dynamic_ncols=True)
+    t_last, tok_acc, lengths_seen = time.perf_counter(), 0, set()
+    for step in bar:
+        batch = next(batches)
+        lengths_seen.add(batch["input_ids"].shape[1])
+        tokens_in = int(batch["attention_mask"].sum())
+        placed = sharding.place_batch(batch, mesh, cfg.train.grad_accum)
+        params, opt_state, m = step_fn(params, opt_state, frozen, placed)
+        loss = float(m["loss"])
+        if not math.isfinite(loss):
+            last = ckpt.latest_step()
+            ckpt.close()
+            raise TrainingDiverged(
+                f"loss is {loss} at step {step + 1}; stopping. The last good checkpoint "
+                f"(step {last}) in {ckpt.dir} is kept. Lower train.lr or raise warmup_steps.")
+        losses.append(loss)
+        tok_acc += tokens_in
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == total:
+            now = time.perf_counter()
+            lr = float(make_lr(cfg)(done - 1))
+            rec = {"loss": loss, "lr": lr, "grad_norm": float(m["grad_norm"]),
+                   "tokens_per_s": tok_acc / (now - t_last)}
+            writer.write(done, **rec)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            t_last, tok_acc = now, 0
+        if val_data is not None and cfg.train.eval_every and done % cfg.train.eval_every == 0:
+            writer.write(done, val_loss=evaluate(step_fn, params, frozen, val_data, cfg, mesh, pad))
+        if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.steps:
+            ckpt.save(done, params, opt_state, batches.state())
+    ckpt.close()
+    summary["losses"] = losses
+    summary["compilations"] = step_fn.compilations
+    summary["buckets_seen"] = sorted(lengths_seen)
+    summary["final_step"] = start + len(losses)
+
+    if summary["final_step"] == cfg.train.steps and val_data is not None and cfg.train.eval_every:
+        summary["val_loss"] = evaluate(step_fn, params, frozen, val_data, cfg, mesh, pad)
+    model = nnx.merge(graphdef, params, frozen)
+    if is_main and summary["final_step"] == cfg.train.steps:
+        # Host copies first: on a multi-host run eager math on global arrays would wait for
+        # the other processes, which do not run this block.
+        local = local_numpy(params)
+        summary.update(finish(cfg, out_dir, nnx.merge(graphdef, local, frozen), local, source,
+                              writer))
+    writer.close()
+    if is_main and not quiet:
+        print("[moka_jax] summary " + json.dumps({k: v for k, v in summary.items()
+                                                   if k != "losses"}))
+    summary["model"] = model
+    return summary
+
+
+def make_lr(cfg):
+    from moka_jax.train.optim import lr_schedule
+    return lr_schedule(cfg.train)
+
+
+def evaluate(step_fn, params, frozen, val_data, cfg, mesh, pad) -> float:
+    bs = cfg.train.batch_size // cfg.train.grad_accum
+    loss_sum, n = 0.0, 0
+    for i, batch in enumerate(data_lib.eval_batches(val_data, bs, cfg.data.buckets, pad)):
+        if cfg.train.eval_batches is not None and i >= cfg.train.eval_batches:
+            break
+        s, c = step_fn.eval_sums(params, frozen, sharding.place_batch(batch, mesh))
+        loss_sum, n = loss_sum + float(s), n + int(c)
+    return loss_sum / max(n, 1)
+
+
+def finish(cfg, out_dir: Path, model, params, source, writer) -> dict:
+    """Adapter export, loss-curve and gate-heatmap PNGs (main process only)."""
+    base = {"path": cfg.model.path if source is None else str(source), "quant": cfg.model.quant,
+            "tiny": dataclasses.asdict(cfg.model.tiny) if source is None else None}
+    adapter_dir = save_adapter(out_dir / "adapter", params,
+                               adapter_config=adapter_config_to_dict(cfg.adapter.config),
+                               targets=cfg.adapter.targets, base=base, overwrite=True)
+    out = {"adapter_dir": str(adapter_dir)}
+    writer._file.flush()
+    records = read_metrics(out_dir / "metrics.jsonl")
+    out["loss_png"] = str(plot_loss(records, out_dir / "loss.png", f"{cfg.name}: loss"))
+    gates = gate_weights(model)
+    if gates:
+        out["gates_png"] = str(plot_gates(gates, out_dir / "gates.png",
+                                          f"{cfg.name}: MoKA gate weights per layer"))
+        (out_dir / "gates.json").write_text(json.dumps({k: v.tolist() for k, v in gates.items()}))
+    return out

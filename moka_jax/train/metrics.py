@@ -1,0 +1,96 @@
+"""Run metrics: JSONL (always), TensorBoard (tensorboardX), and end-of-run PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+class MetricsWriter:
+    """Appends one JSON object per record to out_dir/metrics.jsonl; mirrors scalars to TB."""
+
+    def __init__(self, out_dir, tensorboard: bool = True, enabled: bool = True):
+        self.out_dir = Path(out_dir)
+        self.enabled = enabled
+        self._tb = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.out_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(str(self.out_dir / "tb"))
+
+    def write(self, step: int, **scalars):
+        if not self.enabled:
+            return
+        rec = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
+        self._file.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, int | float):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self):
+        if self.enabled:
+            self._file.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def _plain(v):
+    v = np.asarray(v)
+    return v.item() if v.ndim == 0 else v.tolist()
+
+
+def read_metrics(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss(records: list[dict], out_png, title: str = "training loss") -> Path:
+    """Train (and validation, if logged) loss against step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in (("loss", "-"), ("val_loss", "o-")):
+        pts = [(r["step"], r[key]) for r in records if key in r]
+        if pts:
+            ax.plot(*zip(*pts), style, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def plot_gates(alphas: dict[str, np.ndarray], out_png, title: str = "MoKA gate weights") -> Path:
+    """Heatmap: one row per adapted layer, one column per component, colour = alpha_i."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(alphas)
+    r = max(len(a) for a in alphas.values())
+    grid = np.full((len(names), r), np.nan)
+    for i, n in enumerate(names):
+        grid[i, : len(alphas[n])] = alphas[n]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * r, 1.0 + 0.22 * len(names)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(names)), names, fontsize=6)
+    ax.set_xticks(range(r))
+    ax.set_xlabel("component i")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="alpha_i = softmax(g)_i")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return Path(out_png)

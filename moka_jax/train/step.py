@@ -1,0 +1,80 @@
+"""The jit-compiled train step: loss and gradients for the adapter tree only, AdamW update.
+
+State is split once into (graphdef, adapter params, frozen rest); the step is a pure function
+of (params, opt_state, frozen, batch) with params and opt_state donated, so the frozen base is
+never copied, never differentiated and never updated.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from moka_jax.variables import AdapterParam
+
+IGNORE = -100
+
+
+def token_loss_sums(logits_BTV, labels_BT):
+    """(sum of next-token NLL over labelled positions, number of labelled positions)."""
+    logits = logits_BTV[:, :-1].astype(jnp.float32)
+    labels = labels_BT[:, 1:]
+    valid = labels != IGNORE
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
+    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
+
+
+def split_model(model):
+    """(graphdef, adapter params, frozen rest)."""
+    return nnx.split(model, AdapterParam, ...)
+
+
+class TrainStep:
+    """Callable jitted step; `compilations` counts traces (one per sequence-length bucket)."""
+
+    def __init__(self, graphdef, tx: optax.GradientTransformation, grad_accum: int = 1):
+        self.graphdef, self.tx, self.grad_accum = graphdef, tx, grad_accum
+        self.compilations = 0
+        self._step = jax.jit(self._impl, donate_argnums=(0, 1))
+        self._eval = jax.jit(self._eval_impl)
+
+    def _loss_sums(self, params, frozen, batch):
+        model = nnx.merge(self.graphdef, params, frozen)
+        logits = model(batch["input_ids"], batch["attention_mask"])
+        return token_loss_sums(logits, batch["labels"])
+
+    def _impl(self, params, opt_state, frozen, batch):
+        self.compilations += 1  # runs at trace time only
+
+        def micro(carry, mb):
+            g_acc, loss_acc, n_acc = carry
+
+            def f(p):
+                s, n = self._loss_sums(p, frozen, mb)
+                return s, n
+            (s, n), g = jax.value_and_grad(f, has_aux=True)(params)
+            return (jax.tree.map(jnp.add, g_acc, g), loss_acc + s, n_acc + n), None
+
+        # batch arrives as micro-batches (accum, B / accum, T). Summing NLL and token counts
+        # over them and dividing once makes accumulation exactly the full-batch mean.
+        mbs = batch
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (g_sum, loss_sum, n), _ = jax.lax.scan(micro, (zeros, 0.0, 0), mbs)
+        n = jnp.maximum(n, 1)
+        grads = jax.tree.map(lambda g: g / n, g_sum)
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": loss_sum / n, "tokens": n, "grad_norm": optax.tree.norm(grads)}
+        return params, opt_state, metrics
+
+    def _eval_impl(self, params, frozen, batch):
+        s, n = self._loss_sums(params, frozen, batch)
+        return s, n
+
+    def __call__(self, params, opt_state, frozen, batch):
+        return self._step(params, opt_state, frozen, batch)
+
+    def eval_sums(self, params, frozen, batch):
+        return self._eval(params, frozen, batch)
