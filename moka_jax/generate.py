@@ -56,24 +56,35 @@ def _forward_select(graphdef, state, ids_BT, mask_BT, cache, key, temperature, t
     return select_token(logits_BTV[:, -1], key, temperature, top_p, greedy), cache
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def generate(model, input_ids_BT, attention_mask_BT=None, *, max_new_tokens: int = 64,
              eos_token_ids=(), pad_token_id: int = 0, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0) -> np.ndarray:
+             top_p: float = 1.0, seed: int = 0, prompt_multiple: int = 32,
+             cache_multiple: int = 128) -> np.ndarray:
     """New tokens (B, <= max_new_tokens); after a row's eos the row holds pad_token_id.
 
     Prompts must be left-padded, so every row's last prompt token is at position T - 1.
+    Prompt and cache lengths are rounded up (extra left padding is masked out exactly), so
+    prompts of similar length reuse one compiled prefill and decode step.
     """
     ids_BT = np.asarray(input_ids_BT, np.int32)
     b, t = ids_BT.shape
     mask_BT = np.ones((b, t), bool) if attention_mask_BT is None else np.asarray(attention_mask_BT, bool)
     if not mask_BT[:, -1].all():
         raise ValueError("generate needs left-padded prompts (a real token last in every row)")
+    extra = _round_up(t, prompt_multiple) - t
+    ids_BT = np.pad(ids_BT, ((0, 0), (extra, 0)), constant_values=pad_token_id)
+    mask_BT = np.pad(mask_BT, ((0, 0), (extra, 0)))
+    t += extra
     graphdef, state = nnx.split(model)
     greedy = temperature <= 0
     step = partial(_forward_select, graphdef, state, temperature=jnp.float32(max(temperature, 1e-6)),
                    top_p=jnp.float32(top_p), greedy=greedy)
     key = jax.random.key(seed)
-    cache = model.init_cache(b, t + max_new_tokens)
+    cache = model.init_cache(b, _round_up(t + max_new_tokens, cache_multiple))
     key, sub = jax.random.split(key)
     tok_B, cache = step(ids_BT, mask_BT, cache, sub)
     eos = np.asarray(list(eos_token_ids), np.int32)
@@ -135,13 +146,16 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quant", default="nf4", choices=("nf4", "int4", "none"),
-                    help="for HF directories (a converted directory keeps its own)")
+    ap.add_argument("--quant", default=None, choices=("nf4", "int4", "none"),
+                    help="for HF directories (a converted directory keeps its own); default: "
+                         "none on CPU (4-bit decode is weight-dequantisation bound there, about "
+                         "10x slower per token), nf4 on accelerators")
     ap.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        model, config, path = load_model(args.model, args.quant)
+        quant = args.quant or ("none" if jax.default_backend() == "cpu" else "nf4")
+        model, config, path = load_model(args.model, quant)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
