@@ -157,6 +157,8 @@ def _node(model, path: str):
 
 def convert(src, dst, *, quant: str = "nf4", dtype=None, block_size: int = 64,
             double_quant: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
+    if Path(dst).exists() and not overwrite:  # before the heavy work, not after it
+        raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
     src = resolve_source(src)
     dtype = dtype or default_dtype()
     model, config = load_hf(src, quant, dtype=dtype, block_size=block_size,
