@@ -83,7 +83,7 @@ def plot_gates(alphas: dict[str, np.ndarray], out_png, title: str = "MoKA gate w
     grid = np.full((len(names), r), np.nan)
     for i, n in enumerate(names):
         grid[i, : len(alphas[n])] = alphas[n]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * r, 1.0 + 0.22 * len(names)))
+    fig, ax = plt.subplots(figsize=(max(5.5, 2.5 + 0.5 * r), max(2.5, 1.2 + 0.22 * len(names))))
     im = ax.imshow(grid, aspect="auto", cmap="viridis")
     ax.set_yticks(range(len(names)), names, fontsize=6)
     ax.set_xticks(range(r))
