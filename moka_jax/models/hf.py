@@ -243,11 +243,11 @@ def _replace(model, path: str, value):
 
 
 def _place(tree, prefix: str, sharding):
-    """device_put each leaf to sharding(path), path like 'layers/0/attn/q_proj/kernel/...'."""
+    """device_put each leaf to sharding(path), path like 'layers/0/attn/q_proj/kernel/packed'."""
     def put(kp, leaf):
         keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in kp]
-        target = sharding("/".join([prefix, *keys]))
-        return leaf if target is None else jax.device_put(leaf, target)
+        target = None if sharding is None else sharding("/".join([prefix, *keys]))
+        return jnp.asarray(leaf) if target is None else jax.device_put(leaf, target)
 
     return jax.tree_util.tree_map_with_path(put, tree)
 
@@ -280,11 +280,8 @@ def load_hf(path, quant: str = "nf4", *, dtype=None, block_size: int = 64,
         todo = tqdm(todo, desc=f"load {path.name} ({quant})", unit="tensor")
     for s in todo:
         arr = _read_tensor(s.hf_name, entries[s.hf_name])
-        if s.kind == "frozen":
-            value = jnp.asarray(arr, dtype)
-            if sharding is not None:
-                value = _place(value, s.path, sharding)
-            _resolve(model, s.path).set_value(value)
+        if s.kind == "frozen":  # cast on the host, then straight to its device(s)
+            _resolve(model, s.path).set_value(_place(arr.astype(jnp.dtype(dtype)), s.path, sharding))
             continue
         bias = biases.get(s.path)
         bias = None if bias is None else _read_tensor(bias, entries[bias]).astype(np.float32)

@@ -238,3 +238,21 @@ def test_tokenizer_larger_than_embedding(tiny_copy):
     Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(tiny_copy / "tokenizer.json"))
     with pytest.raises(CheckpointError, match=r"tokenizer\.json: tokenizer has 300 tokens.*256 rows"):
         load_hf(tiny_copy, "none")
+
+
+def test_mistral_without_sliding_window_loads(tmp_path):
+    cfg = transformers.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=16, sliding_window=None,
+                                     initializer_range=0.2)
+    torch.manual_seed(0)
+    hf = transformers.MistralForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "mistral")
+    model, config = load_hf(tmp_path / "mistral", "none", dtype=jnp.float32)
+    assert config.architecture == "MistralForCausalLM"
+    ids = ids_for(config)
+    assert np.abs(logits(model, ids) - hf_logits(hf, ids)).max() <= TOL
+    out = save_hf(model, config, tmp_path / "back")
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(back).__name__ == "MistralForCausalLM"
+    assert np.abs(hf_logits(back, ids) - logits(model, ids)).max() <= TOL
