@@ -27,6 +27,7 @@ from moka_jax.models.hf import (
     copy_tokenizer_files,
     default_dtype,
     load_hf,
+    node_at,
     read_config,
 )
 from moka_jax.models.llama import Llama, LlamaConfig
@@ -138,21 +139,14 @@ def load_converted(path, *, remat: bool = False) -> tuple[Llama, LlamaConfig]:
                       if k.rsplit("/", 1)[0] == var_path}
             value = QuantizedWeight(**leaves, **static)
             # The skeleton was built dense; the Linear dispatches on the kernel's type.
-            layer = _node(model, var_path.rsplit("/", 1)[0])
+            layer = node_at(model, var_path.rsplit("/", 1)[0])
             layer.quant = value.kind
         elif var_path in arrays:
             value = arrays[var_path]
         else:
             raise ValueError(f"{path / STATE_DIR}: no array for {var_path}")
-        _node(model, var_path).set_value(value)
+        node_at(model, var_path).set_value(value)
     return model, config
-
-
-def _node(model, path: str):
-    node = model
-    for part in path.split("/"):
-        node = node[int(part)] if part.isdigit() else getattr(node, part)
-    return node
 
 
 def convert(src, dst, *, quant: str = "nf4", dtype=None, block_size: int = 64,

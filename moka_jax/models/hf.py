@@ -226,7 +226,8 @@ def default_dtype():
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
-def _resolve(model, path: str):
+def node_at(model, path: str):
+    """The module or variable at 'layers/0/attn/q_proj' (the paths adapter regexes match)."""
     node = model
     for part in filter(None, path.split("/")):
         node = node[int(part)] if part.isdigit() else getattr(node, part)
@@ -235,7 +236,7 @@ def _resolve(model, path: str):
 
 def _replace(model, path: str, value):
     parent_path, name = path.rsplit("/", 1) if "/" in path else ("", path)
-    parent = _resolve(model, parent_path) if parent_path else model
+    parent = node_at(model, parent_path) if parent_path else model
     if name.isdigit():
         parent[int(name)] = value
     else:
@@ -281,7 +282,7 @@ def load_hf(path, quant: str = "nf4", *, dtype=None, block_size: int = 64,
     for s in todo:
         arr = _read_tensor(s.hf_name, entries[s.hf_name])
         if s.kind == "frozen":  # cast on the host, then straight to its device(s)
-            _resolve(model, s.path).set_value(_place(arr.astype(jnp.dtype(dtype)), s.path, sharding))
+            node_at(model, s.path).set_value(_place(arr.astype(jnp.dtype(dtype), copy=False), s.path, sharding))
             continue
         bias = biases.get(s.path)
         bias = None if bias is None else _read_tensor(bias, entries[bias]).astype(np.float32)
@@ -333,7 +334,7 @@ def copy_tokenizer_files(src, dst) -> list[str]:
 
 
 def _tensor_getter(model, spec: TensorSpec, merged: bool):
-    node = _resolve(model, spec.path)
+    node = node_at(model, spec.path)
     if spec.kind == "frozen":
         return lambda: np.asarray(node.get_value().astype(jnp.float32))
     if spec.kind == "bias":

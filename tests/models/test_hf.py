@@ -12,7 +12,7 @@ from safetensors.numpy import save_file
 
 from moka_jax.adapters import MoKAConfig
 from moka_jax.convert import convert, load_converted
-from moka_jax.models.hf import CheckpointError, load_hf, save_hf
+from moka_jax.models.hf import CheckpointError, load_hf, node_at, save_hf
 from moka_jax.nn import attach_adapters
 from moka_jax.quant import QuantizedWeight
 
@@ -81,7 +81,7 @@ def test_4bit_load_quantises_linears_only(llama3, quant):
     dense, _ = load_hf(path, "none", dtype=jnp.float32)
     for p, layer in _linears(model):
         if isinstance(layer.kernel.get_value(), QuantizedWeight):
-            _node(dense, p).kernel.set_value(layer.weight(jnp.float32).T)
+            node_at(dense, p).kernel.set_value(layer.weight(jnp.float32).T)
     ids = ids_for(config)
     assert np.abs(logits(model, ids) - logits(dense, ids)).max() <= 1e-4
 
@@ -90,13 +90,6 @@ def _linears(model):
     from moka_jax.nn import linear_paths
 
     return linear_paths(model)
-
-
-def _node(model, path):
-    node = model
-    for part in path.split("/"):
-        node = node[int(part)] if part.isdigit() else getattr(node, part)
-    return node
 
 
 def test_sharding_callable_places_every_leaf(llama3):
