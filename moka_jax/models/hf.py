@@ -282,7 +282,8 @@ def load_hf(path, quant: str = "nf4", *, dtype=None, block_size: int = 64,
     for s in todo:
         arr = _read_tensor(s.hf_name, entries[s.hf_name])
         if s.kind == "frozen":  # cast on the host, then straight to its device(s)
-            node_at(model, s.path).set_value(_place(arr.astype(jnp.dtype(dtype), copy=False), s.path, sharding))
+            host = arr.astype(jnp.dtype(dtype), copy=False)
+            node_at(model, s.path).set_value(_place(host, s.path, sharding))
             continue
         bias = biases.get(s.path)
         bias = None if bias is None else _read_tensor(bias, entries[bias]).astype(np.float32)
