@@ -8,7 +8,9 @@ Embeddings, norms and lm_head stay bf16 (as load_hf keeps them), every other lin
 
     python bench/convert_memory.py [--layers 22] [--tmp /tmp] [--keep]
 
-Last stdout line: one JSON object.
+Last stdout line: one JSON object. Measured 2026-11-28 (2 CPU cores, shared; jax 0.10.2 CPU):
+    checkpoint 2.20 GB bf16 (1.10 B params) -> nf4 model 0.81 GB; peak RSS 1.12 GB
+    = 0.509 x the checkpoint (0.424 without the 0.19 GB baseline of importing jax); 21 s.
 """
 
 from __future__ import annotations
