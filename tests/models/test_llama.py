@@ -186,3 +186,34 @@ def test_nf4_random_init_and_bf16_compute_run():
     logits = forward(model, ids)
     assert logits.dtype == jnp.float32 and logits.shape == (2, 8, 128)
     assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_select_token_greedy_and_nucleus():
+    from moka_jax.generate import select_token
+
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 4000))
+    keys = jax.random.key(0)
+    assert (select_token(logits, keys, 1.0, 1.0, greedy=True) == 0).all()
+    # top_p 0.7 keeps {0, 1} (0.5 < 0.7 <= 0.8): the two renormalised to 5/8 and 3/8.
+    picks = np.asarray(select_token(logits, keys, jnp.float32(1.0), jnp.float32(0.7), greedy=False))
+    assert set(np.unique(picks)) == {0, 1}
+    assert abs(np.mean(picks == 0) - 0.625) < 0.03
+    # A tiny top_p still keeps the most likely token.
+    picks = select_token(logits, keys, jnp.float32(1.0), jnp.float32(1e-6), greedy=False)
+    assert (np.asarray(picks) == 0).all()
+
+
+def test_generate_samples_reproducibly_and_stops_at_eos():
+    from moka_jax.generate import generate
+
+    model = Llama(tiny_config(), rngs=nnx.Rngs(0))
+    ids = random_ids((2, 5), 128)
+    mask = left_padded_mask(2, 5, pads=[0, 2])
+    a = generate(model, ids, mask, max_new_tokens=6, temperature=1.0, top_p=0.9, seed=1)
+    b = generate(model, ids, mask, max_new_tokens=6, temperature=1.0, top_p=0.9, seed=1)
+    np.testing.assert_array_equal(a, b)
+    greedy = generate(model, ids, mask, max_new_tokens=6)
+    eos = int(greedy[0, 2])  # pretend the third greedy token of row 0 is the eos
+    stopped = generate(model, ids, mask, max_new_tokens=6, eos_token_ids=(eos,), pad_token_id=-1)
+    assert stopped[0, 2] == eos and (stopped[0, 3:] == -1).all()
+    np.testing.assert_array_equal(stopped[0, :3], greedy[0, :3])
