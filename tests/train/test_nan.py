@@ -1,0 +1,15 @@
+"""A diverging run stops with a clear message and keeps its last good checkpoint."""
+
+import pytest
+
+from moka_jax.config import config_from_dict
+from moka_jax.train.loop import TrainingDiverged, train
+from tests.train.test_train import tiny
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    # An infinite learning rate makes the adapters inf / nan after the first update.
+    d = tiny(tmp_path, train__lr=float("inf"), train__save_every=1, train__steps=6, train__grad_clip=None)
+    with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf).*last good checkpoint \(step 1\)"):
+        train(config_from_dict(d), quiet=True)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
