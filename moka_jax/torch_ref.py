@@ -22,24 +22,30 @@ def _factored(x, a, b, m: int, n: int):
     return y.reshape(*y.shape[:-2], ma * mb)[..., :m]
 
 
-class TorchMoKA(nn.Module):
+class _GatedMixture(nn.Module):
+    """The static gate shared by MoKA and MoKAs: alpha = softmax(g), or 1/r when ungated."""
+
+    def __init__(self, in_features, out_features, r, scale, gated):
+        super().__init__()
+        self.m, self.n, self.scale, self.gated = out_features, in_features, scale, gated
+        self.g = nn.Parameter(torch.zeros(r)) if gated else None
+        self.register_buffer("uniform", torch.full((r,), 1.0 / r), persistent=False)
+
+    def alpha(self):
+        return torch.softmax(self.g, 0) if self.gated else self.uniform
+
+
+class TorchMoKA(_GatedMixture):
     """dW = scale * sum_i alpha_i kron(A_i, B_i)[:m, :n], alpha = softmax(g) or 1/r."""
 
     def __init__(self, in_features, out_features, shapes, scale=1.0, gated=True):
-        super().__init__()
-        self.m, self.n, self.scale, self.gated = out_features, in_features, scale, gated
+        super().__init__(in_features, out_features, len(shapes), scale, gated)
         self.a = nn.ParameterList()
         self.b = nn.ParameterList()
         for (ma, na), (mb, nb) in shapes:
             bound = 1.0 / math.sqrt(na)
             self.a.append(nn.Parameter(torch.empty(ma, na).uniform_(-bound, bound)))
             self.b.append(nn.Parameter(torch.zeros(mb, nb)))
-        r = len(shapes)
-        self.g = nn.Parameter(torch.zeros(r)) if gated else None
-        self.register_buffer("uniform", torch.full((r,), 1.0 / r), persistent=False)
-
-    def alpha(self):
-        return torch.softmax(self.g, 0) if self.gated else self.uniform
 
     def forward(self, x):
         alpha = self.alpha() * self.scale
@@ -52,22 +58,15 @@ class TorchMoKA(nn.Module):
                    for i, (a, b) in enumerate(zip(self.a, self.b)))
 
 
-class TorchMoKAs(nn.Module):
+class TorchMoKAs(_GatedMixture):
     """dW = scale * sum_i alpha_i kron(I_k, C_i)[:m, :n], C_i: (ceil(m/k), p_i), k = ceil(n/p_i)."""
 
     def __init__(self, in_features, out_features, primes, scale=1.0, gated=True):
-        super().__init__()
-        self.m, self.n, self.scale, self.gated = out_features, in_features, scale, gated
+        super().__init__(in_features, out_features, len(primes), scale, gated)
         self.c = nn.ParameterList()
         for p in primes:
             k = -(-in_features // p)
             self.c.append(nn.Parameter(torch.zeros(-(-out_features // k), p)))
-        r = len(primes)
-        self.g = nn.Parameter(torch.zeros(r)) if gated else None
-        self.register_buffer("uniform", torch.full((r,), 1.0 / r), persistent=False)
-
-    def alpha(self):
-        return torch.softmax(self.g, 0) if self.gated else self.uniform
 
     def forward(self, x):
         alpha = self.alpha() * self.scale
