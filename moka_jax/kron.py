@@ -9,12 +9,21 @@ kron(A, B)[:m, :n]. Row-major reshape gives, for a zero-padded input x of length
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
+from jax import lax
 
 Shape2 = tuple[int, int]
+
+# Tokens per step of the mixture apply. A chunk's intermediates stay in the L2 cache, and XLA
+# allocates only chunk-sized temporaries: on CPU every fresh multi-MB buffer costs page faults
+# on each call. 64 was fastest of 32..2048 on 4096x4096 and 4096->1024 (bench/adapter_ops.py).
+TOKEN_CHUNK = 64
 
 
 def pad_last(x, size: int):
@@ -41,26 +50,205 @@ def kron_mixture_apply(x, groups: Sequence[tuple], weights: Sequence, m: int, n:
 
     groups: per group of equal-shaped components, stacked factors (A_CIJ, B_CKL) with
     A_CIJ: (c, ma, na), B_CKL: (c, mb, nb). weights: per group a (c,) vector.
-    Components of one group are contracted together, so the mixture sum is folded into the
-    second matmul's contraction instead of being a separate reduction.
+
+    Each component is contracted in its cheaper order (kron_flops). Groups that split the
+    input the same way, (na, nb), share one matmul on the input; groups that split the output
+    the same way, (ma, mb), share one matmul that also sums them. Tokens go through in chunks
+    of TOKEN_CHUNK with a hand-written backward, so no x-sized intermediate is stored.
     """
     lead = x.shape[:-1]
-    y = None
-    for (a_cij, b_ckl), w_c in zip(groups, weights):
-        _, ma, na = a_cij.shape
-        _, mb, nb = b_ckl.shape
-        x_tjl = pad_last(x, na * nb).reshape(*lead, na, nb)
-        a_cij = a_cij * w_c[:, None, None].astype(a_cij.dtype)
-        b_first, a_first = kron_flops((ma, na), (mb, nb))
-        if b_first <= a_first:
-            t_tcjk = jnp.einsum("...jl,ckl->...cjk", x_tjl, b_ckl)
-            y_tik = jnp.einsum("...cjk,cij->...ik", t_tcjk, a_cij)
+    factors = tuple((a * w[:, None, None].astype(a.dtype), b)
+                    for (a, b), w in zip(groups, weights))
+    plan = _make_plan(tuple((a.shape, b.shape) for a, b in factors))
+    x_TN = x.reshape(-1, n)
+    if x_TN.shape[0] == 0:
+        return jnp.zeros((*lead, m), x.dtype)
+    return _mixture(x_TN, factors, plan, m, n).reshape(*lead, m)
+
+
+# ---- plan: contraction order per group, and which groups share a matmul -------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    a_first: tuple[bool, ...]               # per group: contract A (over na) first
+    x_sides: tuple[tuple[int, ...], ...]    # groups sharing (order, na, nb): one input matmul
+    y_sides: tuple[tuple[int, ...], ...]    # groups sharing (order, ma, mb): one output matmul
+
+
+def _make_plan(shapes) -> _Plan:
+    a_first, x_sides, y_sides = [], {}, {}
+    for g, ((_, ma, na), (_, mb, nb)) in enumerate(shapes):
+        b_cost, a_cost = kron_flops((ma, na), (mb, nb))
+        a_first.append(a_cost < b_cost)
+        x_sides.setdefault((a_first[-1], na, nb), []).append(g)
+        y_sides.setdefault((a_first[-1], ma, mb), []).append(g)
+    return _Plan(tuple(a_first), tuple(map(tuple, x_sides.values())),
+                 tuple(map(tuple, y_sides.values())))
+
+
+def _dims(factors, g):
+    (c, ma, na), (_, mb, nb) = factors[g][0].shape, factors[g][1].shape
+    return c, ma, na, mb, nb
+
+
+def _concat(arrays, axis):
+    return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, axis)
+
+
+# Layouts, per chunk of t tokens (R = t * something, "rows" of a 2-D matmul):
+#   input side   B-first: x as (t*na, nb) @ B_cat.T -> (t, j, [c, k])
+#                A-first: x as (t*nb, na) (x transposed per token) @ A_cat.T -> (t, l, [c, i])
+#   mid operand  B-first: (t*mb, c*na), columns (c, j);  A-first: (t*ma, c*nb), columns (c, l)
+#   output side  B-first: mid @ A rows (c, j) -> (t, k, i), transposed per token to (t, i, k)
+#                A-first: mid @ B rows (c, l) -> (t, i, k)
+# Only these per-token transposes move data; the rest are free reshapes.
+
+def _x_operand(x_TN, factors, plan, ids):
+    c, ma, na, mb, nb = _dims(factors, ids[0])
+    x_Tjl = pad_last(x_TN, na * nb).reshape(-1, na, nb)
+    if plan.a_first[ids[0]]:
+        return x_Tjl.transpose(0, 2, 1).reshape(-1, na)
+    return x_Tjl.reshape(-1, nb)
+
+
+def _x_weight(factors, plan, ids):
+    """(sum K, nb) of stacked B rows (c, k) for B-first, (sum K, na) of A rows (c, i) for A-first."""
+    f = 0 if plan.a_first[ids[0]] else 1
+    return _concat([factors[g][f].reshape(-1, factors[g][f].shape[2]) for g in ids], 0)
+
+
+def _y_weight(factors, plan, ids):
+    """(sum K, mb) of B.T rows (c, l) for A-first, (sum K, ma) of A.T rows (c, j) for B-first."""
+    f = 1 if plan.a_first[ids[0]] else 0
+    return _concat([factors[g][f].transpose(0, 2, 1).reshape(-1, factors[g][f].shape[1])
+                    for g in ids], 0)
+
+
+def _mid_operands(x_TN, factors, plan, x_sides):
+    """Input-side matmuls: per group its mid operand (see the layout table above)."""
+    t = x_TN.shape[0]
+    mids = {}
+    for ids in x_sides:
+        out = _x_operand(x_TN, factors, plan, ids) @ _x_weight(factors, plan, ids).T
+        off = 0
+        for g in ids:
+            c, ma, na, mb, nb = _dims(factors, g)
+            rows, inner, width = (nb, na, ma) if plan.a_first[g] else (na, nb, mb)
+            part = out[:, off:off + c * width].reshape(t, rows, c, width)
+            mids[g] = part.transpose(0, 3, 2, 1).reshape(t * width, c * rows)
+            off += c * width
+    return mids
+
+
+def _forward_chunk(x_TN, factors, plan, m):
+    t = x_TN.shape[0]
+    mids = _mid_operands(x_TN, factors, plan, plan.x_sides)
+    y_TM = None
+    for ids in plan.y_sides:
+        c, ma, na, mb, nb = _dims(factors, ids[0])
+        out = _concat([mids[g] for g in ids], 1) @ _y_weight(factors, plan, ids)
+        if not plan.a_first[ids[0]]:
+            out = out.reshape(t, mb, ma).transpose(0, 2, 1)
+        part = out.reshape(t, ma * mb)[:, :m]
+        y_TM = part if y_TM is None else y_TM + part
+    return y_TM
+
+
+def _backward_chunk(x_TN, dy_TM, factors, plan, n):
+    """(dx, [(dA, dB)] in f32) of one chunk; the mid operands are recomputed, not stored."""
+    t = x_TN.shape[0]
+    mids = _mid_operands(x_TN, factors, plan, plan.x_sides)
+    grads = [[None, None] for _ in factors]
+    d_mids = {}
+    for ids in plan.y_sides:
+        c, ma, na, mb, nb = _dims(factors, ids[0])
+        dy = pad_last(dy_TM, ma * mb)
+        if plan.a_first[ids[0]]:
+            dy = dy.reshape(t * ma, mb)
         else:
-            t_tcil = jnp.einsum("...jl,cij->...cil", x_tjl, a_cij)
-            y_tik = jnp.einsum("...cil,ckl->...ik", t_tcil, b_ckl)
-        y_g = y_tik.reshape(*lead, ma * mb)[..., :m]
-        y = y_g if y is None else y + y_g
-    return y
+            dy = dy.reshape(t, ma, mb).transpose(0, 2, 1).reshape(t * mb, ma)
+        d_mid = dy @ _y_weight(factors, plan, ids).T
+        d_weight = (_concat([mids[g] for g in ids], 1).T @ dy).astype(jnp.float32)
+        off = 0
+        for g in ids:
+            cg, mag, nag, mbg, nbg = _dims(factors, g)
+            if plan.a_first[g]:    # rows (c, l), columns k -> dB (c, k, l)
+                k, f, shape = cg * nbg, 1, (cg, nbg, mbg)
+            else:                  # rows (c, j), columns i -> dA (c, i, j)
+                k, f, shape = cg * nag, 0, (cg, nag, mag)
+            grads[g][f] = d_weight[off:off + k].reshape(shape).transpose(0, 2, 1)
+            d_mids[g] = d_mid[:, off:off + k]
+            off += k
+    dx_TN = None
+    for ids in plan.x_sides:
+        c, ma, na, mb, nb = _dims(factors, ids[0])
+        parts = []
+        for g in ids:
+            cg, mag, nag, mbg, nbg = _dims(factors, g)
+            rows, width = (nbg, mag) if plan.a_first[g] else (nag, mbg)
+            part = d_mids[g].reshape(t, width, cg, rows).transpose(0, 3, 2, 1)
+            parts.append(part.reshape(t * rows, cg * width))
+        d_out = _concat(parts, 1)
+        x_op = _x_operand(x_TN, factors, plan, ids)
+        d_x = d_out @ _x_weight(factors, plan, ids)
+        d_weight = (d_out.T @ x_op).astype(jnp.float32)
+        off = 0
+        for g in ids:
+            cg, mag, nag, mbg, nbg = _dims(factors, g)
+            k, f = (cg * mag, 0) if plan.a_first[g] else (cg * mbg, 1)
+            grads[g][f] = d_weight[off:off + k].reshape(factors[g][f].shape)
+            off += k
+        if plan.a_first[ids[0]]:
+            d_x = d_x.reshape(t, nb, na).transpose(0, 2, 1)
+        part = d_x.reshape(t, na * nb)[:, :n]
+        dx_TN = part if dx_TN is None else dx_TN + part
+    return dx_TN, [tuple(g) for g in grads]
+
+
+# ---- chunked driver with a hand-written backward ------------------------------------------
+
+def _chunks(x_TN, size: int):
+    k = -(-x_TN.shape[0] // size)
+    x_TN = jnp.pad(x_TN, ((0, k * size - x_TN.shape[0]), (0, 0)))
+    return x_TN.reshape(k, size, x_TN.shape[1])
+
+
+def _chunk_size(tokens: int) -> int:
+    return min(TOKEN_CHUNK, tokens)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _mixture(x_TN, factors, plan: _Plan, m: int, n: int):
+    x_KCN = _chunks(x_TN, _chunk_size(x_TN.shape[0]))
+    if x_KCN.shape[0] == 1:
+        return _forward_chunk(x_TN, factors, plan, m)
+    y_KCM = lax.map(lambda x_CN: _forward_chunk(x_CN, factors, plan, m), x_KCN)
+    return y_KCM.reshape(-1, m)[:x_TN.shape[0]]
+
+
+def _mixture_fwd(x_TN, factors, plan, m, n):
+    return _mixture(x_TN, factors, plan, m, n), (x_TN, factors)
+
+
+def _mixture_bwd(plan, m, n, saved, dy_TM):
+    x_TN, factors = saved
+    tokens = x_TN.shape[0]
+    size = _chunk_size(tokens)
+    if tokens <= size:
+        dx_TN, grads = _backward_chunk(x_TN, dy_TM, factors, plan, n)
+    else:
+        def step(acc, chunk):
+            dx_CN, g = _backward_chunk(*chunk, factors, plan, n)
+            return jax.tree.map(jnp.add, acc, g), dx_CN
+        zeros = [tuple(jnp.zeros(f.shape, jnp.float32) for f in pair) for pair in factors]
+        grads, dx_KCN = lax.scan(step, zeros, (_chunks(x_TN, size), _chunks(dy_TM, size)))
+        dx_TN = dx_KCN.reshape(-1, n)[:tokens]
+    grads = tuple(tuple(g.astype(f.dtype) for g, f in zip(gp, fp))
+                  for gp, fp in zip(grads, factors))
+    return dx_TN.astype(x_TN.dtype), grads
+
+
+_mixture.defvjp(_mixture_fwd, _mixture_bwd)
 
 
 def kron_materialize(a, b, m: int, n: int):
