@@ -1,0 +1,130 @@
+"""Evaluate a base model, with or without an exported adapter.
+
+    python eval.py --model smollm2 --mode choice --limit 50            # 8 commonsense tasks
+    python eval.py --model smollm2 --adapter runs/x/adapter --mode generate --tasks boolq piqa
+    python eval.py --model smollm2 --perplexity data/instruct/dolly_open_qa/train.json --limit 200
+    python eval.py --model smollm2 --mmlu --shots 5 --limit 10         # 10 val questions / subject
+
+--mode generate follows LLM-Adapters (their eval prompt, <= 32 new tokens, first regex match of
+the task's answer pattern) with greedy decoding; beam search (their default, 4 beams) is NOT
+implemented. --mode choice ranks the task's candidate answers by summed token log-prob.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+
+
+def parse_args(argv=None):
+    from moka_jax.eval.commonsense import PROMPT_TEMPLATES, TASKS
+
+    ap = argparse.ArgumentParser(prog="python eval.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2", help="smollm2 | HF directory")
+    ap.add_argument("--quant", default="none", choices=("nf4", "int4", "none"),
+                    help="base weights (default none: on CPU 4-bit matmuls are much slower)")
+    ap.add_argument("--adapter", default=None, help="exported adapter directory "
+                    "(adapter.safetensors); its base / targets / shapes are checked first")
+    ap.add_argument("--mode", default="choice", choices=("choice", "generate"))
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS),
+                    help=f"default: all of {list(TASKS)}")
+    ap.add_argument("--data-dir", default=str(REPO / "data" / "commonsense"),
+                    help="<dir>/<task>/dev.json (LLM-Adapters format)")
+    ap.add_argument("--template", default=None, choices=(*PROMPT_TEMPLATES, "chat"),
+                    help="prompt template: commonsense default llm-adapters-eval, "
+                         "perplexity default alpaca")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="first N records per task / file, or N val questions per MMLU subject")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--beams", type=int, default=1,
+                    help="only 1 (greedy): beam search is not implemented")
+    ap.add_argument("--seed", type=int, default=0, help="adapter init seed before loading "
+                    "(irrelevant to results: decoding is greedy)")
+    ap.add_argument("--perplexity", metavar="FILE", default=None,
+                    help="perplexity of the responses of an Alpaca-format JSON file instead")
+    ap.add_argument("--cutoff-len", type=int, default=512, help="perplexity: max tokens")
+    ap.add_argument("--mmlu", action="store_true", help="MMLU k-shot accuracy instead")
+    ap.add_argument("--mmlu-dir", default=str(REPO / "data" / "mmlu"))
+    ap.add_argument("--shots", type=int, default=5)
+    ap.add_argument("--out", default=None, help="JSON file with every prediction")
+    args = ap.parse_args(argv)
+    if args.beams != 1:
+        ap.error("--beams: beam search is not implemented; only greedy decoding (--beams 1)")
+    return args
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = parse_args(argv)
+    from moka_jax.data import DataError
+    from moka_jax.eval import commonsense as cs
+    from moka_jax.eval.loading import AdapterMismatch, load_eval_model
+    from moka_jax.train.checkpoint import CheckpointError
+
+    try:
+        tasks = None
+        # Data errors surface before the model is loaded.
+        if args.perplexity:
+            from moka_jax.data import load_records
+            load_records(args.perplexity, "alpaca", args.limit)
+        elif not args.mmlu:
+            tasks = cs.load_tasks(args.data_dir, args.tasks, args.limit)
+        t0 = time.perf_counter()
+        model, config, tok = load_eval_model(args.model, args.quant, args.adapter, seed=args.seed)
+        report = run(args, model, config, tok, tasks)
+    except (ValueError, FileNotFoundError, DataError, AdapterMismatch, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report.update(model=args.model, quant=args.quant, adapter=args.adapter,
+                  seconds=round(time.perf_counter() - t0, 1))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"predictions: {args.out}", file=sys.stderr)
+    return 0
+
+
+def run(args, model, config, tok, tasks) -> dict:
+    from moka_jax.eval import commonsense as cs
+
+    if args.perplexity:
+        from moka_jax.eval.perplexity import perplexity
+        r = perplexity(model, tok, args.perplexity, template=args.template or "alpaca",
+                       cutoff_len=args.cutoff_len, limit=args.limit, batch_size=args.batch_size)
+        print(f"perplexity {r['perplexity']:.4f} (mean NLL {r['nll']:.4f} over {r['tokens']} "
+              f"response tokens, {r['examples']} examples)")
+        return {"mode": "perplexity", **r}
+    if args.mmlu:
+        from moka_jax.eval.mmlu import evaluate_mmlu, mmlu_table
+        r = evaluate_mmlu(model, tok, args.mmlu_dir, shots=args.shots, limit=args.limit,
+                          batch_size=max(1, args.batch_size // 2),
+                          max_len=config.max_position_embeddings)
+        print(mmlu_table(r))
+        return {"mode": "mmlu", **r}
+    from moka_jax.generate import eos_ids
+    template = args.template or "llm-adapters-eval"
+    results = {}
+    for task, records in tasks.items():
+        if args.mode == "choice":
+            results[task] = cs.evaluate_choice(model, tok, task, records, template=template,
+                                               batch_size=args.batch_size)
+        else:
+            results[task] = cs.evaluate_generate(model, tok, task, records, template=template,
+                                                 eos_token_ids=eos_ids(config, tok),
+                                                 batch_size=args.batch_size,
+                                                 max_new_tokens=args.max_new_tokens)
+    print(cs.results_table(results))
+    return {"mode": args.mode, "template": template, "average": cs.average(results),
+            "tasks": results}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Commonsense reasoning on LLM-Adapters-format sets: generate-and-parse, or rank by likelihood.
+
+    tasks = load_tasks("data/commonsense", ["boolq", "piqa"], limit=50)
+    result = evaluate_choice(model, tokenizer, "boolq", tasks["boolq"])   # or evaluate_generate
+
+generate: the LLM-Adapters protocol (their commonsense_evaluate.py prompt, up to 32 new tokens,
+first regex match of the task's answer pattern, exact match with `answer`); greedy only.
+choice: each candidate answer ("true" / "false", "answer1" ...) is scored as the summed
+log-prob of its tokens after prompt + "the correct answer is" (the response format the
+adapters are trained on), and the best one is the prediction: nothing to parse.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from moka_jax.data import DataError, alpaca_prompt, load_records
+
+# Answer patterns of LLM-Adapters' extract_answer (case-sensitive, first match wins).
+TASK_PATTERNS = {
+    "boolq": r"true|false",
+    "piqa": r"solution1|solution2",
+    "social_i_qa": r"answer1|answer2|answer3|answer4|answer5",
+    "hellaswag": r"ending1|ending2|ending3|ending4",
+    "winogrande": r"option1|option2",
+    "ARC-Easy": r"answer1|answer2|answer3|answer4|answer5",
+    "ARC-Challenge": r"answer1|answer2|answer3|answer4|answer5",
+    "openbookqa": r"answer1|answer2|answer3|answer4|answer5",
+}
+TASKS = tuple(TASK_PATTERNS)
+# Candidates when an instruction lacks its "Answer format: a/b/..." line.
+DEFAULT_CANDIDATES = {
+    "boolq": ("true", "false"), "piqa": ("solution1", "solution2"),
+    "social_i_qa": ("answer1", "answer2", "answer3"),
+    "hellaswag": ("ending1", "ending2", "ending3", "ending4"),
+    "winogrande": ("option1", "option2"),
+    "ARC-Easy": ("answer1", "answer2", "answer3", "answer4"),
+    "ARC-Challenge": ("answer1", "answer2", "answer3", "answer4"),
+    "openbookqa": ("answer1", "answer2", "answer3", "answer4"),
+}
+ANSWER_PREFIX = "the correct answer is"
+
+# LLM-Adapters commonsense_evaluate.py generate_prompt, byte for byte (it differs from their
+# finetune.py prompt: one trailing space, blank lines without indentation).
+_IND = " " * 16
+EVAL_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    f"{_IND}### Instruction:\n{_IND}{{instruction}}\n\n{_IND}### Input:\n{_IND}{{input}}\n\n"
+    f"{_IND}### Response:\n{_IND}")
+EVAL_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request. \n\n"
+    f"{_IND}### Instruction:\n{_IND}{{instruction}}\n\n{_IND}### Response:\n{_IND}")
+PROMPT_TEMPLATES = ("llm-adapters-eval", "alpaca", "llm-adapters")
+
+
+def check_tasks(names) -> list[str]:
+    unknown = [t for t in names if t not in TASK_PATTERNS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; valid tasks: {', '.join(TASKS)}")
+    return list(names)
+
+
+def prompt_for(record: dict, template: str = "llm-adapters-eval") -> str:
+    if template == "llm-adapters-eval":
+        fmt = EVAL_PROMPT_INPUT if record.get("input") else EVAL_PROMPT_NO_INPUT
+        return fmt.format(instruction=record["instruction"], input=record.get("input", ""))
+    return alpaca_prompt(record["instruction"], record.get("input", ""), template)
+
+
+def extract_answer(task: str, text: str) -> str:
+    """First match of the task's answer pattern in `text`, or "" (unparseable)."""
+    found = re.findall(TASK_PATTERNS[task], text.strip())
+    return found[0] if found else ""
+
+
+def candidates(task: str, record: dict) -> tuple[str, ...]:
+    """The answers offered by the record's "Answer format: a/b/c" line (ARC has 3-5)."""
+    m = re.findall(r"Answer format:\s*([A-Za-z0-9/]+)", record["instruction"])
+    if m:
+        opts = tuple(o for o in m[-1].split("/") if o)
+        if all(re.fullmatch(TASK_PATTERNS[task], o) for o in opts) and opts:
+            return opts
+    return DEFAULT_CANDIDATES[task]
+
+
+def load_task(path, task: str, limit: int | None = None) -> list[dict]:
+    """LLM-Adapters records (instruction, input, output, answer); the file and field on error."""
+    records, fmt = load_records(path, "commonsense", limit)
+    for i, r in enumerate(records):
+        if not re.fullmatch(TASK_PATTERNS[task], r["answer"]):
+            raise DataError(f"{path}: record {i}: field 'answer' = {r['answer']!r} is not a "
+                            f"{task} answer (pattern {TASK_PATTERNS[task]})")
+    return records
+
+
+def load_tasks(root, tasks=TASKS, limit: int | None = None, split: str = "dev") -> dict:
+    return {t: load_task(Path(root) / t / f"{split}.json", t, limit) for t in check_tasks(tasks)}
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _continuation_logprobs(graphdef, state, ctx_BT, ctx_mask_BT, cont_BCL, cont_mask_BCL):
+    """(B, C) summed log-probs of each right-padded continuation after its left-padded context.
+
+    The context is run once into the KV cache, which is then tiled over the C continuations.
+    """
+    model = nnx.merge(graphdef, state)
+    b, c, l = cont_BCL.shape
+    cache = model.init_cache(b, ctx_BT.shape[1] + l)
+    logits_BTV, cache = model(ctx_BT, ctx_mask_BT, cache=cache)
+    first_BV = jax.nn.log_softmax(logits_BTV[:, -1])
+    tiled = jax.tree.map(lambda x: jnp.repeat(x, c, axis=0) if x.ndim >= 2 else x, cache)
+    cont_NL, mask_NL = cont_BCL.reshape(b * c, l), cont_mask_BCL.reshape(b * c, l)
+    logits_NLV, _ = model(cont_NL, mask_NL, cache=tiled)
+    # Token j of a continuation is predicted by the logits before it: the context's last
+    # position for j = 0, the continuation's position j - 1 after that.
+    prev_NLV = jnp.concatenate([jnp.repeat(first_BV, c, axis=0)[:, None],
+                                jax.nn.log_softmax(logits_NLV[:, :-1])], axis=1)
+    tok_NL = jnp.take_along_axis(prev_NLV, cont_NL[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(mask_NL, tok_NL, 0.0), axis=-1).reshape(b, c)
+
+
+def score_continuations(model, contexts: list[list[int]], conts: list[list[list[int]]], *,
+                        pad_id: int = 0, batch_size: int = 8, ctx_multiple: int = 32,
+                        progress: str | None = None) -> list[np.ndarray]:
+    """Per example, the summed log-prob of each candidate continuation (token id lists).
+
+    Shapes are rounded up (context to ctx_multiple, continuation to 8, candidates to the max)
+    and the last batch is filled with copies, so one compiled step serves most batches.
+    """
+    graphdef, state = nnx.split(model)
+    n_cand = max(len(c) for c in conts)
+    cont_len = _round_up(max(len(t) for c in conts for t in c), 8)
+    order = np.argsort([len(c) for c in contexts], kind="stable")  # similar lengths together
+    out = [None] * len(contexts)
+    starts = range(0, len(order), batch_size)
+    for s in tqdm(starts, desc=progress, disable=progress is None, dynamic_ncols=True):
+        idx = list(order[s:s + batch_size])
+        rows = idx + [idx[0]] * (batch_size - len(idx))
+        t = _round_up(max(len(contexts[i]) for i in rows), ctx_multiple)
+        ctx = np.full((batch_size, t), pad_id, np.int32)
+        ctx_mask = np.zeros((batch_size, t), bool)
+        cont = np.full((batch_size, n_cand, cont_len), pad_id, np.int32)
+        cont_mask = np.zeros((batch_size, n_cand, cont_len), bool)
+        for r, i in enumerate(rows):
+            ids = contexts[i]
+            ctx[r, t - len(ids):], ctx_mask[r, t - len(ids):] = ids, True
+            for k, toks in enumerate(conts[i]):
+                cont[r, k, :len(toks)], cont_mask[r, k, :len(toks)] = toks, True
+        scores = np.asarray(_continuation_logprobs(graphdef, state, ctx, ctx_mask, cont,
+                                                   cont_mask))
+        for r, i in enumerate(idx):
+            out[i] = scores[r, :len(conts[i])]
+    return out
+
+
+def encode_choice(tokenizer, prompt: str, options, prefix: str = ANSWER_PREFIX):
+    """(context ids, [continuation ids]): context = prompt + prefix; continuation = " " + option."""
+    ctx = tokenizer(prompt + prefix)["input_ids"]
+    sep = " " if prefix else ""
+    return ctx, [tokenizer(sep + o, add_special_tokens=False)["input_ids"] for o in options]
+
+
+def evaluate_choice(model, tokenizer, task: str, records: list[dict], *,
+                    template: str = "llm-adapters-eval", batch_size: int = 8,
+                    progress: bool = True) -> dict:
+    """Accuracy of likelihood ranking; every record gets a prediction."""
+    opts = [candidates(task, r) for r in records]
+    enc = [encode_choice(tokenizer, prompt_for(r, template), o) for r, o in zip(records, opts)]
+    scores = score_continuations(model, [c for c, _ in enc], [k for _, k in enc],
+                                 pad_id=_pad(tokenizer), batch_size=batch_size,
+                                 progress=f"{task} (choice)" if progress else None)
+    preds = []
+    for r, o, s in zip(records, opts, scores):
+        pred = o[int(np.argmax(s))]
+        preds.append({"instruction": r["instruction"], "answer": r["answer"], "pred": pred,
+                      "scores": dict(zip(o, map(float, s))), "flag": pred == r["answer"]})
+    return summarize(task, preds)
+
+
+def evaluate_generate(model, tokenizer, task: str, records: list[dict], *, eos_token_ids=(),
+                      template: str = "llm-adapters-eval", batch_size: int = 8,
+                      max_new_tokens: int = 32, progress: bool = True) -> dict:
+    """Accuracy of greedy decoding + the first answer-pattern match (LLM-Adapters protocol)."""
+    prompts = [prompt_for(r, template) for r in records]
+    texts = generate_texts(model, tokenizer, prompts, eos_token_ids=eos_token_ids,
+                           batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           progress=f"{task} (generate)" if progress else None)
+    preds = []
+    for r, text in zip(records, texts):
+        pred = extract_answer(task, text)
+        preds.append({"instruction": r["instruction"], "answer": r["answer"],
+                      "output_pred": text, "pred": pred, "flag": pred == r["answer"]})
+    return summarize(task, preds)
+
+
+def generate_texts(model, tokenizer, prompts, *, eos_token_ids=(), batch_size: int = 8,
+                   max_new_tokens: int = 32, progress: str | None = None) -> list[str]:
+    """Greedy continuations, batched with left padding and the KV cache."""
+    from moka_jax.generate import generate
+
+    pad = _pad(tokenizer)
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    out = [None] * len(prompts)
+    for s in tqdm(range(0, len(order), batch_size), desc=progress, disable=progress is None,
+                  dynamic_ncols=True):
+        idx = list(order[s:s + batch_size])
+        t = max(len(ids[i]) for i in idx)
+        ids_BT = np.full((len(idx), t), pad, np.int32)
+        mask_BT = np.zeros((len(idx), t), bool)
+        for r, i in enumerate(idx):
+            ids_BT[r, t - len(ids[i]):], mask_BT[r, t - len(ids[i]):] = ids[i], True
+        new = generate(model, ids_BT, mask_BT, max_new_tokens=max_new_tokens,
+                       eos_token_ids=eos_token_ids, pad_token_id=pad)
+        for r, i in enumerate(idx):
+            out[i] = tokenizer.decode(new[r], skip_special_tokens=True).strip()
+    return out
+
+
+def summarize(task: str, preds: list[dict]) -> dict:
+    n = len(preds)
+    correct = sum(p["flag"] for p in preds)
+    return {"task": task, "n": n, "correct": correct, "accuracy": correct / n if n else 0.0,
+            "unparseable": sum(p["pred"] == "" for p in preds), "predictions": preds}
+
+
+def _pad(tokenizer) -> int:
+    from moka_jax.data import pad_id
+    return pad_id(tokenizer)
+
+
+def results_table(results: dict[str, dict]) -> str:
+    """Per-task accuracy, unparseable count and the macro average, as aligned text."""
+    w = max([len(t) for t in results] + [7])
+    lines = [f"{'task':<{w}}  {'n':>5}  {'acc %':>6}  {'unparsed':>8}"]
+    for t, r in results.items():
+        lines.append(f"{t:<{w}}  {r['n']:>5}  {100 * r['accuracy']:>6.2f}  {r['unparseable']:>8}")
+    avg = average(results)
+    lines.append(f"{'average':<{w}}  {sum(r['n'] for r in results.values()):>5}  "
+                 f"{100 * avg:>6.2f}  {sum(r['unparseable'] for r in results.values()):>8}")
+    return "\n".join(lines)
+
+
+def average(results: dict[str, dict]) -> float:
+    """Macro average over tasks (as LLM-Adapters reports it)."""
+    return float(np.mean([r["accuracy"] for r in results.values()])) if results else 0.0

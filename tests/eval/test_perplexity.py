@@ -1,0 +1,40 @@
+"""Response perplexity == exp(mean NLL of the response tokens) computed by hand."""
+
+import json
+
+import numpy as np
+import pytest
+
+from moka_jax.data import IGNORE, DataError, byte_tokenizer, tokenize
+from moka_jax.eval.perplexity import perplexity
+from tests.eval import ref_logprobs, tiny_model
+
+RECORDS = [
+    {"instruction": "Name a color.", "input": "", "output": "Blue."},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "The sum is 5."},
+    {"instruction": "Say hi " * 9, "output": "hi"},
+]
+
+
+def test_perplexity_equals_exp_mean_nll_by_hand(tmp_path):
+    tok, model = byte_tokenizer(), tiny_model()
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(RECORDS))
+    got = perplexity(model, tok, path, batch_size=2, progress=False)
+
+    ids, labels = tokenize([{**r, "input": r.get("input", "")} for r in RECORDS], tok)
+    nll, n = 0.0, 0
+    for x, lab, lp in zip(ids, labels, ref_logprobs(model, [list(x) for x in ids])):
+        for t in range(1, len(x)):
+            if lab[t] != IGNORE:
+                nll -= lp[t - 1, lab[t]]
+                n += 1
+    assert got["tokens"] == n and got["examples"] == 3
+    np.testing.assert_allclose(got["perplexity"], np.exp(nll / n), rtol=1e-5)
+
+
+def test_wrong_format_names_file_and_field(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([{"instruction": "q", "response": "r"}]))
+    with pytest.raises(DataError, match=r"bad\.json: record 0: missing field 'output'"):
+        perplexity(tiny_model(), byte_tokenizer(), path, progress=False)
