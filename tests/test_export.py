@@ -29,9 +29,9 @@ ADAPTERS = {"moka": MoKAConfig(r=3), "mokas": MoKAsConfig(r=2), "lora": LoRAConf
 IDS = np.random.RandomState(0).randint(0, TINY.vocab_size, (2, 9)).astype(np.int32)
 
 
-def adapted_model(adapter, quant="none", targets=TARGETS, seed=0):
+def adapted_model(adapter, quant="none", targets=TARGETS, seed=0, config=TINY):
     """A tiny model with `adapter` whose factors (and gates) are random, so dW != 0."""
-    model = Llama(TINY, quant=quant, rngs=nnx.Rngs(1))
+    model = Llama(config, quant=quant, rngs=nnx.Rngs(1))
     attach_adapters(model, adapter, targets, rngs=nnx.Rngs(2))
     rng = np.random.RandomState(seed)
     nnx.update(model, jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.1, x.shape), x.dtype),
@@ -96,9 +96,10 @@ def test_hf_export_matches_jax_merged(tmp_path):
 
 
 def test_peft_lokr_export_matches_jax(tmp_path):
-    lokr = MoKAConfig(shapes=(((8, 8), (8, 8)),), gated=False, scale=2.0)
-    model = adapted_model(lokr, "nf4", targets=r"(q_proj|v_proj)$")
-    base_dir = export.export_hf(model, TINY, tmp_path / "base", merged=False)  # dequantised W0
+    # GQA: v_proj is 32 x 64, q_proj 64 x 64; the planner's r=1 shapes are PEFT's on both.
+    gqa = dataclasses.replace(TINY, num_key_value_heads=2)
+    model = adapted_model(MoKAConfig(r=1, gated=False), "nf4", r"(q_proj|v_proj)$", config=gqa)
+    base_dir = export.export_hf(model, gqa, tmp_path / "base", merged=False)  # dequantised W0
     out = export.export_peft_lokr(model, tmp_path / "lokr", str(base_dir))
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LOKR" and cfg["alpha"] == cfg["r"]
