@@ -69,7 +69,8 @@ def merge_model(model, requantize: str | None = None):
     original block size where the base was 4-bit). Layers without an adapter are shared as-is.
     """
     if requantize is not None and requantize not in quant_lib.QUANT_KINDS:
-        raise ValueError(f"requantize={requantize!r}; choose None or one of {quant_lib.QUANT_KINDS}")
+        raise ValueError(f"requantize={requantize!r}; choose None or one of "
+                         f"{quant_lib.QUANT_KINDS}")
     merged = nnx.clone(model)  # shares the (immutable) arrays, not a second copy of the base
     for path, layer in linear_paths(merged):
         if layer.adapter is not None:

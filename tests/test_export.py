@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from moka_jax import export
-from moka_jax.adapters import DoRAConfig, LoRAConfig, MoKAConfig, MoKAsConfig, adapter_config_to_dict
+from moka_jax.adapters import (DoRAConfig, LoRAConfig, MoKAConfig, MoKAsConfig,
+                               adapter_config_to_dict)
 from moka_jax.models.llama import Llama, LlamaConfig
 from moka_jax.nn import adapter_state, attach_adapters, linear_paths
 from moka_jax.quant import QuantizedWeight, dequantize, quantize
