@@ -223,7 +223,10 @@ def evaluate(step_fn, params, frozen, val_data, cfg, mesh, pad) -> float:
 
 def finish(cfg, out_dir: Path, model, params, source, writer) -> dict:
     """Adapter export, loss-curve and gate-heatmap PNGs (main process only)."""
+    # Everything that changes the dequantised base the adapter was trained against.
     base = {"path": cfg.model.path if source is None else str(source), "quant": cfg.model.quant,
+            "block_size": cfg.model.block_size, "double_quant": cfg.model.double_quant,
+            "int4_symmetric": cfg.model.int4_symmetric,
             "tiny": dataclasses.asdict(cfg.model.tiny) if source is None else None}
     adapter_dir = save_adapter(out_dir / "adapter", params,
                                adapter_config=adapter_config_to_dict(cfg.adapter.config),
