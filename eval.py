@@ -56,6 +56,9 @@ def parse_args(argv=None):
     ap.add_argument("--shots", type=int, default=5)
     ap.add_argument("--out", default=None, help="JSON file with every prediction")
     args = ap.parse_args(argv)
+    if args.template == "chat" and not args.perplexity:
+        ap.error("--template chat applies to --perplexity only (commonsense and MMLU prompts are "
+                 "plain text)")
     if args.beams != 1:
         ap.error("--beams: beam search is not implemented; only greedy decoding (--beams 1)")
     return args

@@ -214,3 +214,9 @@ def test_cli_smollm2_choice(tmp_path, capsys):
     assert "boolq" in capsys.readouterr().out
     assert eval_cli.main(["--tasks", "copa"]) == 2
     assert "valid tasks" in capsys.readouterr().err
+    # A tiny model's adapter is refused from the config alone, before SmolLM2 is loaded.
+    adir = export_adapter(tmp_path)
+    with pytest.warns(UserWarning, match="only the adapter shapes can be checked"):
+        assert eval_cli.main(["--tasks", "boolq", "--adapter", str(adir)]) == 2
+    err = capsys.readouterr().err
+    assert "does not match" in err and "checkpoint [2, 32] vs model [2, 576]" in err
