@@ -114,6 +114,15 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def length_bucket(n: int, minimum: int = 32) -> int:
+    """Smallest of 2^k, 1.5 * 2^k (>= minimum) holding n: few shapes, so few compilations,
+    for at most a third of padding."""
+    b = minimum
+    while b < n:
+        b = b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3
+    return b
+
+
 @partial(jax.jit, static_argnames=("graphdef",))
 def _continuation_logprobs(graphdef, state, ctx_BT, ctx_mask_BT, cont_BCL, cont_mask_BCL):
     """(B, C) summed log-probs of each right-padded continuation after its left-padded context.
@@ -137,12 +146,12 @@ def _continuation_logprobs(graphdef, state, ctx_BT, ctx_mask_BT, cont_BCL, cont_
 
 
 def score_continuations(model, contexts: list[list[int]], conts: list[list[list[int]]], *,
-                        pad_id: int = 0, batch_size: int = 8, ctx_multiple: int = 32,
+                        pad_id: int = 0, batch_size: int = 8,
                         progress: str | None = None) -> list[np.ndarray]:
     """Per example, the summed log-prob of each candidate continuation (token id lists).
 
-    Shapes are rounded up (context to ctx_multiple, continuation to 8, candidates to the max)
-    and the last batch is filled with copies, so one compiled step serves most batches.
+    Shapes are rounded up (context to a length_bucket, continuation to 8, candidates to the
+    max) and the last batch is filled with copies, so few compiled steps serve all batches.
     """
     graphdef, state = nnx.split(model)
     n_cand = max(len(c) for c in conts)
@@ -153,7 +162,7 @@ def score_continuations(model, contexts: list[list[int]], conts: list[list[list[
     for s in tqdm(starts, desc=progress, disable=progress is None, dynamic_ncols=True):
         idx = list(order[s:s + batch_size])
         rows = idx + [idx[0]] * (batch_size - len(idx))
-        t = _round_up(max(len(contexts[i]) for i in rows), ctx_multiple)
+        t = length_bucket(max(len(contexts[i]) for i in rows))
         ctx = np.full((batch_size, t), pad_id, np.int32)
         ctx_mask = np.zeros((batch_size, t), bool)
         cont = np.full((batch_size, n_cand, cont_len), pad_id, np.int32)
