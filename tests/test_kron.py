@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -138,8 +139,10 @@ def _materialised_mixture(shapes, a, b, w, m, n):
     return sum(w[i] * jnp.kron(a[i], b[i])[:m, :n] for i in range(len(shapes)))
 
 
-def test_chunked_mixture_with_shared_splits_matches_materialised():
-    # More tokens than one chunk (and not a multiple of it); groups that share an input split
+@pytest.mark.parametrize("lead", [(2 * kron.TOKEN_CHUNK + 7,), (19, 7)])
+def test_chunked_mixture_with_shared_splits_matches_materialised(lead):
+    # More tokens than one chunk, not a multiple of it: a flat token axis (chunks over it) and
+    # rows of a batch (chunks over runs of the last axis); groups that share an input split
     # or an output split in both contraction orders, so every merged matmul path runs, plus a
     # padded / truncated shape and a stacked group of two.
     m, n = 60, 64
@@ -155,9 +158,8 @@ def test_chunked_mixture_with_shared_splits_matches_materialised():
     a = [jnp.asarray(rng.standard_normal(s[0]), jnp.float32) for s in shapes]
     b = [jnp.asarray(rng.standard_normal(s[1]), jnp.float32) for s in shapes]
     w = jnp.asarray(rng.random(len(shapes)), jnp.float32)
-    tokens = 2 * kron.TOKEN_CHUNK + 7
-    x = jnp.asarray(rng.standard_normal((tokens // 7, 7, n)), jnp.float32)
-    y_t = jnp.asarray(rng.standard_normal((tokens // 7, 7, m)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal(lead + (n,)), jnp.float32)
+    y_t = jnp.asarray(rng.standard_normal(lead + (m,)), jnp.float32)
 
     def grouped(a, b, w):
         groups, weights = [], []
