@@ -136,7 +136,7 @@ def _mid_operands(x_TN, factors, plan, x_sides):
         off = 0
         for g in ids:
             c, ma, na, mb, nb = _dims(factors, g)
-            rows, inner, width = (nb, na, ma) if plan.a_first[g] else (na, nb, mb)
+            rows, width = (nb, ma) if plan.a_first[g] else (na, mb)
             part = out[:, off:off + c * width].reshape(t, rows, c, width)
             mids[g] = part.transpose(0, 3, 2, 1).reshape(t * width, c * rows)
             off += c * width
@@ -216,7 +216,7 @@ def _run_length(rows: int, length: int) -> int:
 
 
 def _chunks(x_RSN, run: int):
-    """(K, R, run, N): the S axis zero-padded to K runs."""
+    """((R, K, run, N), K): the S axis zero-padded to K runs of `run` tokens."""
     rows, length, width = x_RSN.shape
     k = -(-length // run)
     x_RSN = jnp.pad(x_RSN, ((0, 0), (0, k * run - length), (0, 0)))
