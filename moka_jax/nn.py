@@ -40,7 +40,7 @@ class Linear(nnx.Module):
         if quant == "none":
             self.kernel = FrozenWeight(jnp.asarray(weight, param_dtype).T)  # (in, out)
         else:
-            self.kernel = FrozenWeight(quant_lib_quantize(
+            self.kernel = FrozenWeight(_quantize(
                 weight, quant, block_size=block_size, double_quant=double_quant,
                 symmetric=symmetric, name=name))
         self.quant = quant
@@ -91,7 +91,7 @@ class Linear(nnx.Module):
         return (w0 if self.adapter is None else self.adapter.merge(w0)).astype(dtype)
 
 
-def quant_lib_quantize(weight, kind, **kw):
+def _quantize(weight, kind, **kw):
     if kind not in quant.QUANT_KINDS:
         raise ValueError(f"layer '{kw.get('name', '')}': unknown quant {kind!r}; "
                          f"choose 'none' or one of {quant.QUANT_KINDS}")

@@ -21,7 +21,7 @@ from moka_jax.config import Config, resolve_path, validate
 from moka_jax.train import sharding
 from moka_jax.train.checkpoint import TrainCheckpointer, local_numpy, save_adapter
 from moka_jax.train.metrics import MetricsWriter, plot_gates, plot_loss, read_metrics
-from moka_jax.train.optim import make_optimizer
+from moka_jax.train.optim import lr_schedule, make_optimizer
 from moka_jax.train.step import TrainStep, split_model
 
 # Keys that may change between a run and its resumption without changing what is trained.
@@ -131,6 +131,7 @@ def train(cfg: Config, *, max_steps: int | None = None, quiet: bool = False) -> 
     frozen = sharding.place_frozen(frozen, mesh)
     params = sharding.replicate(params, mesh)
     tx = make_optimizer(cfg.train)
+    schedule = lr_schedule(cfg.train)  # for logging only; the optimizer holds its own
     opt_state = sharding.replicate(tx.init(params), mesh)
     step_fn = TrainStep(graphdef, tx)
 
@@ -172,7 +173,7 @@ def train(cfg: Config, *, max_steps: int | None = None, quiet: bool = False) -> 
         done = step + 1
         if done % cfg.train.log_every == 0 or done == total:
             now = time.perf_counter()
-            lr = float(make_lr(cfg)(done - 1))
+            lr = float(schedule(done - 1))
             rec = {"loss": loss, "lr": lr, "grad_norm": float(m["grad_norm"]),
                    "tokens_per_s": tok_acc / (now - t_last)}
             writer.write(done, **rec)
@@ -205,11 +206,6 @@ def train(cfg: Config, *, max_steps: int | None = None, quiet: bool = False) -> 
     return summary
 
 
-def make_lr(cfg):
-    from moka_jax.train.optim import lr_schedule
-    return lr_schedule(cfg.train)
-
-
 def evaluate(step_fn, params, frozen, val_data, cfg, mesh, pad) -> float:
     bs = cfg.train.batch_size // cfg.train.grad_accum
     loss_sum, n = 0.0, 0
@@ -232,7 +228,7 @@ def finish(cfg, out_dir: Path, model, params, source, writer) -> dict:
                                adapter_config=adapter_config_to_dict(cfg.adapter.config),
                                targets=cfg.adapter.targets, base=base, overwrite=True)
     out = {"adapter_dir": str(adapter_dir)}
-    writer._file.flush()
+    writer.flush()
     records = read_metrics(out_dir / "metrics.jsonl")
     out["loss_png"] = str(plot_loss(records, out_dir / "loss.png", f"{cfg.name}: loss"))
     gates = gate_weights(model)

@@ -33,6 +33,10 @@ class MetricsWriter:
                 if k != "step" and isinstance(v, int | float):
                     self._tb.add_scalar(k, v, step)
 
+    def flush(self):
+        if self.enabled:
+            self._file.flush()
+
     def close(self):
         if self.enabled:
             self._file.close()

@@ -51,10 +51,8 @@ class TrainStep:
         def micro(carry, mb):
             g_acc, loss_acc, n_acc = carry
 
-            def f(p):
-                s, n = self._loss_sums(p, frozen, mb)
-                return s, n
-            (s, n), g = jax.value_and_grad(f, has_aux=True)(params)
+            (s, n), g = jax.value_and_grad(
+                lambda p: self._loss_sums(p, frozen, mb), has_aux=True)(params)
             return (jax.tree.map(jnp.add, g_acc, g), loss_acc + s, n_acc + n), None
 
         # batch arrives as micro-batches (accum, B / accum, T). Summing NLL and token counts
