@@ -444,8 +444,8 @@ def _check(cfg: Config, sources: _Sources):
             fail(f"mesh.{name}", f"mesh.{name} = {v}, expected a positive size or -1 (the rest)")
     if mesh.data == -1 and mesh.fsdp == -1:
         fail("mesh", "mesh.data and mesh.fsdp cannot both be -1")
-    if mesh.data > 0:
-        _check_batch_divides(cfg, mesh.data, sources)
+    if mesh.data > 0 and mesh.fsdp > 0:
+        _check_batch_divides(cfg, mesh.data * mesh.fsdp, sources)
     dist = mesh.distributed
     if dist.num_processes is not None and dist.num_processes <= 0:
         fail("mesh.distributed.num_processes",
@@ -456,13 +456,15 @@ def _check(cfg: Config, sources: _Sources):
              f"outside [0, num_processes = {dist.num_processes})")
 
 
-def _check_batch_divides(cfg: Config, data_axis: int, sources: _Sources):
+def _check_batch_divides(cfg: Config, batch_devices: int, sources: _Sources):
+    """The batch is sharded over both mesh axes (data x fsdp), so each micro-batch must split."""
     t = cfg.train
     micro = t.batch_size // t.grad_accum
-    if micro % data_axis:
+    if micro % batch_devices:
         _error(sources, "train.batch_size",
                f"train.batch_size = {t.batch_size} (micro-batch {micro} with grad_accum "
-               f"{t.grad_accum}) is not divisible by the data axis of the mesh ({data_axis} devices)")
+               f"{t.grad_accum}) is not divisible by the mesh's data x fsdp axes "
+               f"({batch_devices} devices), over which the batch is sharded")
 
 
 def resolve_mesh(mesh: MeshConfig, num_devices: int) -> tuple[int, int]:
@@ -511,8 +513,8 @@ def validate(cfg: Config, num_devices: int | None = None) -> Config:
         raise ConfigError(f"model.tokenizer: {m.tokenizer!r} is neither a directory nor one of "
                           f"{list(TOKENIZER_KEYWORDS)}")
     if num_devices is not None:
-        data, _ = resolve_mesh(cfg.mesh, num_devices)
-        _check_batch_divides(cfg, data, sources)
+        data, fsdp = resolve_mesh(cfg.mesh, num_devices)
+        _check_batch_divides(cfg, data * fsdp, sources)
     return cfg
 
 

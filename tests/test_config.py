@@ -9,7 +9,7 @@ from moka_jax import config as C
 from moka_jax.adapters import DoRAConfig, LoRAConfig, MoKAConfig, MoKAsConfig
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs").glob("*/*.yaml"))
 TRAIN_FILE = "data/commonsense_train/boolq/train.json"
 
 
@@ -34,10 +34,11 @@ def error(fn, *args, **kw) -> str:
 # ----------------------------------------------------------------------------- round trip
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_shipped_configs_round_trip(path, tmp_path):
     cfg = C.load_config(path)
-    assert cfg.name == path.stem and cfg.train.out_dir == f"runs/{path.stem}"
+    runs = "runs/" if path.parent.name == "configs" else f"runs/{path.parent.name}/"
+    assert cfg.name == path.stem and cfg.train.out_dir.format(name=cfg.name) == runs + path.stem
     d = cfg.to_dict()
     assert C.config_from_dict(d) == cfg
     assert C.config_from_dict(d).to_dict() == d
@@ -202,7 +203,13 @@ def test_wrong_type_names_key_value_and_type(tmp_path):
 
 def test_batch_not_divisible_by_data_axis():
     msg = error(C.config_from_dict, minimal(train={"batch_size": 30}, mesh={"data": 4}))
-    assert "train.batch_size = 30" in msg and "data axis" in msg and "4" in msg
+    assert "train.batch_size = 30" in msg and "data x fsdp" in msg and "(4 devices)" in msg
+    # Sharded over both axes: 12 fits data = 4 alone but not 4 x 2 (found by a README review).
+    msg = error(C.config_from_dict, minimal(train={"batch_size": 12}, mesh={"data": 4, "fsdp": 2}))
+    assert "(8 devices)" in msg
+    msg = error(C.validate, C.config_from_dict(minimal(train={"batch_size": 12},
+                                                       mesh={"fsdp": 2})), num_devices=8)
+    assert "(8 devices)" in msg
     cfg = C.config_from_dict(minimal(train={"batch_size": 30}))  # data = -1: known at validate
     msg = error(C.validate, cfg, num_devices=4)
     assert "train.batch_size = 30" in msg and "(4 devices)" in msg
