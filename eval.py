@@ -114,16 +114,10 @@ def run(args, model, config, tok, tasks) -> dict:
         return {"mode": "mmlu", **r}
     from moka_jax.generate import eos_ids
     template = args.template or "llm-adapters-eval"
-    results = {}
-    for task, records in tasks.items():
-        if args.mode == "choice":
-            results[task] = cs.evaluate_choice(model, tok, task, records, template=template,
-                                               batch_size=args.batch_size)
-        else:
-            results[task] = cs.evaluate_generate(model, tok, task, records, template=template,
-                                                 eos_token_ids=eos_ids(config, tok),
-                                                 batch_size=args.batch_size,
-                                                 max_new_tokens=args.max_new_tokens)
+    kw = {} if args.mode == "choice" else {"eos_token_ids": eos_ids(config, tok),
+                                           "max_new_tokens": args.max_new_tokens}
+    results = cs.evaluate_tasks(model, tok, tasks, mode=args.mode, template=template,
+                                batch_size=args.batch_size, **kw)
     print(cs.results_table(results))
     return {"mode": args.mode, "template": template, "average": cs.average(results),
             "tasks": results}

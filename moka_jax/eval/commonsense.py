@@ -47,6 +47,7 @@ DEFAULT_CANDIDATES = {
     "openbookqa": ("answer1", "answer2", "answer3", "answer4"),
 }
 ANSWER_PREFIX = "the correct answer is"
+MAX_CANDIDATES = max(len(re.findall(r"\w+", p)) for p in TASK_PATTERNS.values())
 
 # LLM-Adapters commonsense_evaluate.py generate_prompt, byte for byte (it differs from their
 # finetune.py prompt: one trailing space, blank lines without indentation).
@@ -146,15 +147,16 @@ def _continuation_logprobs(graphdef, state, ctx_BT, ctx_mask_BT, cont_BCL, cont_
 
 
 def score_continuations(model, contexts: list[list[int]], conts: list[list[list[int]]], *,
-                        pad_id: int = 0, batch_size: int = 8,
+                        pad_id: int = 0, batch_size: int = 8, min_candidates: int = 1,
                         progress: str | None = None) -> list[np.ndarray]:
     """Per example, the summed log-prob of each candidate continuation (token id lists).
 
     Shapes are rounded up (context to a length_bucket, continuation to 8, candidates to the
-    max) and the last batch is filled with copies, so few compiled steps serve all batches.
+    max or min_candidates) and the last batch is filled with copies, so few compiled steps
+    serve all batches, and, with a common min_candidates, all tasks.
     """
     graphdef, state = nnx.split(model)
-    n_cand = max(len(c) for c in conts)
+    n_cand = max(max(len(c) for c in conts), min_candidates)
     cont_len = _round_up(max(len(t) for c in conts for t in c), 8)
     order = np.argsort([len(c) for c in contexts], kind="stable")  # similar lengths together
     out = [None] * len(contexts)
@@ -192,8 +194,10 @@ def evaluate_choice(model, tokenizer, task: str, records: list[dict], *,
     """Accuracy of likelihood ranking; every record gets a prediction."""
     opts = [candidates(task, r) for r in records]
     enc = [encode_choice(tokenizer, prompt_for(r, template), o) for r, o in zip(records, opts)]
+    # Every task padded to the most candidates any task has: the tasks share compiled shapes.
     scores = score_continuations(model, [c for c, _ in enc], [k for _, k in enc],
                                  pad_id=_pad(tokenizer), batch_size=batch_size,
+                                 min_candidates=MAX_CANDIDATES,
                                  progress=f"{task} (choice)" if progress else None)
     preds = []
     for r, o, s in zip(records, opts, scores):
@@ -217,6 +221,14 @@ def evaluate_generate(model, tokenizer, task: str, records: list[dict], *, eos_t
         preds.append({"instruction": r["instruction"], "answer": r["answer"],
                       "output_pred": text, "pred": pred, "flag": pred == r["answer"]})
     return summarize(task, preds)
+
+
+def evaluate_tasks(model, tokenizer, tasks: dict[str, list[dict]], *, mode: str = "choice",
+                   **kw) -> dict[str, dict]:
+    """{task: result} of evaluate_choice or evaluate_generate (their keyword arguments pass
+    through) over load_tasks' {task: records}."""
+    fn = {"choice": evaluate_choice, "generate": evaluate_generate}[mode]
+    return {t: fn(model, tokenizer, t, recs, **kw) for t, recs in tasks.items()}
 
 
 def generate_texts(model, tokenizer, prompts, *, eos_token_ids=(), batch_size: int = 8,
