@@ -56,15 +56,22 @@ def read_metrics(path) -> list[dict]:
 
 def plot_loss(records: list[dict], out_png, title: str = "training loss") -> Path:
     """Train (and validation, if logged) loss against step."""
+    return plot_losses({"": records}, out_png, title)
+
+
+def plot_losses(runs: dict[str, list[dict]], out_png, title: str = "training loss") -> Path:
+    """Several runs' train (and validation) losses on one plot, labelled by run name."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, style in (("loss", "-"), ("val_loss", "o-")):
-        pts = [(r["step"], r[key]) for r in records if key in r]
-        if pts:
-            ax.plot(*zip(*pts), style, label=key)
+    for name, records in runs.items():
+        for key, style in (("loss", "-"), ("val_loss", "o--")):
+            pts = [(r["step"], r[key]) for r in records if key in r]
+            if pts:
+                label = key if not name else name if key == "loss" else f"{name} ({key})"
+                ax.plot(*zip(*pts), style, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / token)")
     ax.set_title(title)
