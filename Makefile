@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test venv
+.PHONY: demo test venv
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	touch $@
 
 venv: $(VENV)/.installed
+
+# Evaluate SmolLM2 (nf4) on the dev sets, fine-tune MoKA on CPU, evaluate again (~10 min).
+demo: $(VENV)/.installed
+	$(BIN)/python demo.py
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest tests
