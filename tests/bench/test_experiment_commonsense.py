@@ -21,18 +21,18 @@ def test_sweep_writes_table_plots_and_reuses_results(tmp_path, capsys):
     results_md = tmp_path / "RESULTS.md"
     results_md.write_text("# Results\n\nhand-written reading\n\n" + experiment.BEGIN + "\nold\n"
                           + experiment.END + "\n\nhand-written tail\n")
-    args = ["--methods", "base", "lora-r8", "moka", "--limit", "2", "--gen-limit", "1",
+    args = ["--methods", "base", "moka", "--limit", "2", "--gen-limit", "1",
             "--gen-tasks", "boolq", "--out", str(tmp_path / "runs"), "--results", str(results_md),
             "--figures", str(tmp_path / "fig")]
     for s in TINY:
         args += ["--set", s]
     experiment.main(args)
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(out["choice_average"]) == {"base", "lora-r8", "moka"}
+    assert set(out["choice_average"]) == {"base", "moka"}
     assert out["trainable_params"]["base"] == 0 and out["trainable_params"]["moka"] > 0
     text = results_md.read_text()
     assert text.startswith("# Results\n\nhand-written reading") and text.endswith("hand-written tail\n")
-    assert "\nold\n" not in text and "| moka |" in text and "| lora-r8 |" in text
+    assert "\nold\n" not in text and "| moka |" in text and "| base |" in text
     assert (tmp_path / "fig" / "loss_curves.png").stat().st_size > 0
     assert (tmp_path / "fig" / "moka_gates.png").stat().st_size > 0
     rec = json.loads((tmp_path / "runs" / "moka" / "result.json").read_text())
@@ -40,4 +40,4 @@ def test_sweep_writes_table_plots_and_reuses_results(tmp_path, capsys):
     assert len(rec["metrics"]) == 1  # log_every 2, steps 2
 
     experiment.main(args)  # nothing to rerun: every result.json matches its settings
-    assert capsys.readouterr().out.count("reusing") == 3
+    assert capsys.readouterr().out.count("reusing") == 2
