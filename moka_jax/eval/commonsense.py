@@ -4,7 +4,8 @@
     result = evaluate_choice(model, tokenizer, "boolq", tasks["boolq"])   # or evaluate_generate
 
 generate: the LLM-Adapters protocol (their commonsense_evaluate.py prompt, up to 32 new tokens,
-first regex match of the task's answer pattern, exact match with `answer`); greedy only.
+first regex match of the task's answer pattern, exact match with `answer`); greedy, or beam
+search with num_beams (LLM-Adapters used 4).
 choice: each candidate answer ("true" / "false", "answer1" ...) is scored as the summed
 log-prob of its tokens after prompt + "the correct answer is" (the response format the
 adapters are trained on), and the best one is the prediction: nothing to parse.
@@ -209,11 +210,14 @@ def evaluate_choice(model, tokenizer, task: str, records: list[dict], *,
 
 def evaluate_generate(model, tokenizer, task: str, records: list[dict], *, eos_token_ids=(),
                       template: str = "llm-adapters-eval", batch_size: int = 8,
-                      max_new_tokens: int = 32, progress: bool = True) -> dict:
-    """Accuracy of greedy decoding + the first answer-pattern match (LLM-Adapters protocol)."""
+                      max_new_tokens: int = 32, num_beams: int = 1,
+                      progress: bool = True) -> dict:
+    """Accuracy of greedy (num_beams 1) or beam-search decoding + the first answer-pattern
+    match (LLM-Adapters protocol; they used 4 beams)."""
     prompts = [prompt_for(r, template) for r in records]
     texts = generate_texts(model, tokenizer, prompts, eos_token_ids=eos_token_ids,
                            batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           num_beams=num_beams,
                            progress=f"{task} (generate)" if progress else None)
     preds = []
     for r, text in zip(records, texts):
@@ -232,8 +236,10 @@ def evaluate_tasks(model, tokenizer, tasks: dict[str, list[dict]], *, mode: str 
 
 
 def generate_texts(model, tokenizer, prompts, *, eos_token_ids=(), batch_size: int = 8,
-                   max_new_tokens: int = 32, progress: str | None = None) -> list[str]:
-    """Greedy continuations, batched with left padding and the KV cache."""
+                   max_new_tokens: int = 32, num_beams: int = 1,
+                   progress: str | None = None) -> list[str]:
+    """Greedy (num_beams 1) or beam-search continuations, batched with left padding and the
+    KV cache."""
     from moka_jax.generate import generate
 
     pad = _pad(tokenizer)
@@ -249,7 +255,7 @@ def generate_texts(model, tokenizer, prompts, *, eos_token_ids=(), batch_size: i
         for r, i in enumerate(idx):
             ids_BT[r, t - len(ids[i]):], mask_BT[r, t - len(ids[i]):] = ids[i], True
         new = generate(model, ids_BT, mask_BT, max_new_tokens=max_new_tokens,
-                       eos_token_ids=eos_token_ids, pad_token_id=pad)
+                       eos_token_ids=eos_token_ids, pad_token_id=pad, num_beams=num_beams)
         for r, i in enumerate(idx):
             out[i] = tokenizer.decode(new[r], skip_special_tokens=True).strip()
     return out
