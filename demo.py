@@ -37,7 +37,7 @@ def parse_args(argv=None):
                     help="config override, e.g. train.steps=80 (repeatable)")
     ap.add_argument("--tasks", nargs="+", default=list(TASKS))
     ap.add_argument("--data-dir", default=str(REPO / "data" / "commonsense"))
-    ap.add_argument("--limit", type=int, default=25, help="first N dev records per task")
+    ap.add_argument("--limit", type=int, default=20, help="first N dev records per task")
     ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args(argv)
     if args.limit is not None and args.limit < 1:
