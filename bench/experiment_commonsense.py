@@ -207,8 +207,8 @@ def write_report(results: dict, args) -> dict:
              f"Sweep time (sum over methods): {total_minutes(results):.1f} min.", "",
              results_table(results), "",
              "Accuracies in %. Choice mode ranks each task's candidate answers by likelihood "
-             "(no parsing); gen = greedy generation, first answer-pattern match (LLM-Adapters "
-             "protocol, no beam search).", ""]
+             "(no parsing); gen = greedy generation (eval.py --beams 1; LLM-Adapters used 4 beams), "
+             "first answer-pattern match as in LLM-Adapters.", ""]
     times = ", ".join(f"{m} {r['train_seconds'] / 60:.1f} + {(r['choice_seconds'] + r['generate_seconds']) / 60:.1f}"
                       for m, r in results.items())
     lines += [f"Minutes per method (train + evaluate): {times}.", ""]
