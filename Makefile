@@ -16,7 +16,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 
 venv: $(VENV)/.installed
 
-# Evaluate SmolLM2 (nf4) on the dev sets, fine-tune MoKA on CPU, evaluate again (~10 min).
+# Evaluate SmolLM2 (nf4) on the dev sets, fine-tune MoKA on CPU, evaluate again (~11 min, +2 for
+# the environment the first time).
 demo: $(VENV)/.installed
 	$(BIN)/python demo.py
 
