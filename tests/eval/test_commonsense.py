@@ -7,23 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moka_jax.data import DataError, byte_tokenizer
+from moka_jax.data import DataError
 from moka_jax.eval import commonsense as cs
 from moka_jax.eval.loading import (AdapterMismatch, attach_exported_adapter, check_adapter_base,
                                    precheck_adapter_shapes)
 from tests.eval import ref_logprobs, tiny_config, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return byte_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
 
 
 def rec(task, question, fmt, answer):

@@ -4,22 +4,10 @@ against transformers in tests/test_generate.py)."""
 import numpy as np
 import pytest
 
-from moka_jax.data import byte_tokenizer
 from moka_jax.eval import commonsense as cs
 from moka_jax.generate import beam_search
-from tests.eval import tiny_model
 
 PROMPTS = ["Q: sky?\nA:", "Q: is the sea wet?\nA:", "Hi"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return byte_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
 
 
 def test_generate_texts_beams_batched_equals_unbatched_and_beam_search(model, tok):
