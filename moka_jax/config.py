@@ -234,10 +234,16 @@ def _field_names(cls):
 def _unknown_key(sources, prefix, key, valid):
     dotted = f"{prefix}.{key}" if prefix else str(key)
     candidates = [f"{prefix}.{v}" if prefix else v for v in valid]
-    # The right name in the wrong section (train.cutoff_len) first, then a typo nearby.
-    close = [k for k in _all_dotted_keys() if k.rsplit(".", 1)[-1] == str(key)][:1]
-    close = close or difflib.get_close_matches(dotted, candidates, n=1, cutoff=0.6)
-    close = close or difflib.get_close_matches(dotted, list(_all_dotted_keys()), n=1, cutoff=0.6)
+    # The right name in the wrong section (train.cutoff_len) first, then the nearest name,
+    # judged on the last part alone: whole dotted names share their section prefix, which
+    # passes for a match (train.cutof_len ~ train.schedule). Ties go to this section.
+    leaf = lambda k: k.rsplit(".", 1)[-1]
+    close = [k for k in _all_dotted_keys() if leaf(k) == str(key)][:1]
+    if not close:
+        ratio = lambda k: difflib.SequenceMatcher(None, str(key), leaf(k)).ratio()
+        pool = [(ratio(c), 1, c) for c in candidates] + [(ratio(k), 0, k) for k in _all_dotted_keys()]
+        best, _, name = max(pool, default=(0.0, 0, None))
+        close = [name] if best >= 0.6 else []
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {sorted(candidates)}"
     _error(sources, dotted, f"unknown key '{dotted}'{hint}")
 

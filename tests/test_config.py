@@ -163,6 +163,9 @@ def test_unknown_key_in_the_wrong_section(tmp_path):
     p = write(tmp_path / "c.yaml", minimal(train={"cutoff_len": 128}))
     msg = error(C.load_config, p)
     assert "'train.cutoff_len'" in msg and "did you mean 'data.cutoff_len'?" in msg
+    # A typo in the wrong section: judged on the name, not on the shared 'train.' prefix.
+    msg = error(C.load_config, write(tmp_path / "d.yaml", minimal(train={"cutof_len": 128})))
+    assert "did you mean 'data.cutoff_len'?" in msg
 
 
 def test_unknown_section_and_override_key(tmp_path):
