@@ -12,7 +12,8 @@ LLM-Adapters protocol, greedy) on the first --gen-limit records of --gen-tasks.
 
 Each method runs in its own process and writes runs/experiments/<method>/result.json; a method
 whose result.json exists (with the same settings) is not rerun, so an interrupted sweep
-continues where it stopped. The report (table, loss curves of all methods, MoKA's gate
+continues where it stopped (results made with other settings are refused, never
+deleted: pass another --out). The report (table, loss curves of all methods, MoKA's gate
 heatmap) goes into the generated section of RESULTS.md and results/commonsense/; the text
 around that section is written by hand and kept. Last stdout line: one JSON object.
 """
@@ -137,17 +138,22 @@ def result_path(args, method: str) -> Path:
     return Path(args.out) / method / "result.json"
 
 
+def check_saved(args) -> None:
+    """Refuse, before any work, to run over results made with other settings: they are kept."""
+    for method in args.methods:
+        path = result_path(args, method)
+        if path.exists() and json.loads(path.read_text()).get("settings") != settings(args):
+            raise SystemExit(f"{path} was made with other settings than {settings(args)}; "
+                             f"pass another --out, or delete {path.parent} to rerun {method}")
+
+
 def ensure_result(method: str, args) -> dict:
-    """The method's saved result if its settings match, else a fresh run in a subprocess."""
+    """The method's saved result (check_saved has matched its settings), else a fresh run in a
+    subprocess."""
     path = result_path(args, method)
     if path.exists():
-        rec = json.loads(path.read_text())
-        if rec.get("settings") == settings(args):
-            print(f"[experiment] {method}: reusing {path}", flush=True)
-            return rec
-        print(f"[experiment] {method}: {path} has other settings; rerunning", flush=True)
-        # A finished training run with other settings would be resumed as is: start afresh.
-        shutil.rmtree(path.parent, ignore_errors=True)
+        print(f"[experiment] {method}: reusing {path}", flush=True)
+        return json.loads(path.read_text())
     print(f"[experiment] {method}: train + evaluate", flush=True)
     cmd = [sys.executable, __file__, "--one", method, "--out", args.out,
            "--limit", str(args.limit), "--gen-limit", str(args.gen_limit),
@@ -253,6 +259,7 @@ def main(argv=None):
         return
     for m in args.methods:  # every config parses before anything heavy starts
         method_config(m, args.set)
+    check_saved(args)
     results = {m: ensure_result(m, args) for m in args.methods}
     report = write_report(results, args)
     print(results_table(results))

@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("experiment", REPO / "bench" / "experiment_commonsense.py")
 experiment = importlib.util.module_from_spec(spec)
@@ -41,3 +43,8 @@ def test_sweep_writes_table_plots_and_reuses_results(tmp_path, capsys):
 
     experiment.main(args)  # nothing to rerun: every result.json matches its settings
     assert capsys.readouterr().out.count("reusing") == 2
+
+    # Other settings over saved results: refused before any work, and nothing is deleted.
+    with pytest.raises(SystemExit, match="other settings"):
+        experiment.main([*args, "--limit", "3"])
+    assert (tmp_path / "runs" / "moka" / "result.json").exists()
