@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -83,6 +82,7 @@ def run_method(method: str, args) -> dict:
     """Train (unless base), evaluate, return the result record (the worker process's job)."""
     import jax
 
+    import procstat  # bench/procstat.py (the worker runs as a script from bench/)
     from moka_jax import nn
     from moka_jax.config import validate
     from moka_jax.data import load_tokenizer
@@ -130,7 +130,7 @@ def run_method(method: str, args) -> dict:
                generate_average=average(gen),
                generate_examples={t: [p["output_pred"] for p in r["predictions"][:3]]
                                   for t, r in gen.items()},
-               peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+               peak_rss_bytes=procstat.peak_rss_bytes())
     return rec
 
 

@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -259,6 +258,8 @@ def main(argv=None) -> int:
 # ---- the children: one variant each ----------------------------------------------------------
 
 def worker(variant: str, spec_file: str) -> dict:
+    import procstat  # bench/procstat.py (the worker runs as a script from bench/)
+
     spec = json.loads(Path(spec_file).read_text())
     with np.load(spec["batch"]) as f:
         batch = {k: f[k] for k in f.files}
@@ -278,21 +279,7 @@ def worker(variant: str, spec_file: str) -> dict:
     return {"framework": framework, "adapter": adapter, "base": base, **info,
             "step_seconds": t, "step_seconds_each": timed, "first_step_seconds": times[0],
             "tokens_per_s": int(batch["attention_mask"].size) / t, "losses": losses,
-            "peak_rss_bytes": peak_rss_bytes()}
-
-
-def peak_rss_bytes() -> int:
-    """This process's own peak RSS. Linux carries ru_maxrss across exec, so a child's ru_maxrss
-    is at least the parent's RSS at the fork (here torch + jax + transformers, ~0.5 GB); VmHWM
-    is the high-water mark of the child's own address space."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes there, KiB on Linux
+            "peak_rss_bytes": procstat.peak_rss_bytes()}
 
 
 def run_jax(variant: str, spec: dict, batch: dict):
