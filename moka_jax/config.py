@@ -110,13 +110,16 @@ class DataConfig:
     add_eos: bool = True
     cutoff_len: int = 256
     buckets: list[int] = field(default_factory=lambda: [64, 128, 256])
+    # several examples per row of the largest bucket (segment ids keep them apart); with it
+    # train.batch_size counts rows, and the step compiles once
+    packing: bool = True
     seed: int = 42                 # shuffling, mixing and the val split
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
-    batch_size: int = 32           # global examples per optimizer step
+    batch_size: int = 32           # global rows per optimizer step (one example each unless packing)
     grad_accum: int = 1            # micro-batches per step (batch_size / grad_accum each)
     lr: float = 2e-4
     warmup_steps: int = 100

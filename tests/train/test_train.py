@@ -1,6 +1,7 @@
 """Trainer invariants on a tiny random LLaMA with an nf4 base (CPU).
 
-Loss goes down; base bit-identical and every adapter leaf changed; one compile per bucket;
+Loss goes down; base bit-identical and every adapter leaf changed; one compile per bucket
+(one in all when packed);
 sharded == unsharded; resume == uninterrupted; two processes == one; strict restores.
 """
 
@@ -106,12 +107,16 @@ def test_checkpoint_of_other_adapter_config_refused(reference, tmp_path):
         train(other, quiet=True)
 
 
-def test_compiles_once_per_bucket(tmp_path):
-    d = tiny(tmp_path, train__steps=8, train__save_every=0)
+def test_compiles_once_per_bucket_and_once_when_packed(tmp_path):
+    d = tiny(tmp_path / "unpacked", train__steps=8, train__save_every=0, data__packing=False)
     d["data"]["buckets"] = [368, 376, 384]  # byte lengths of these prompts span all three
     out = train(config_from_dict(d), quiet=True)
     assert len(out["buckets_seen"]) >= 2
     assert out["compilations"] == len(out["buckets_seen"])
+    d = tiny(tmp_path / "packed", train__steps=8, train__save_every=0)
+    d["data"]["buckets"] = [368, 376, 384]
+    out = train(config_from_dict(d), quiet=True)
+    assert out["buckets_seen"] == [384] and out["compilations"] == 1
 
 
 def test_eight_devices_equal_one(reference, tmp_path):
