@@ -430,6 +430,14 @@ def label_slots(batch: dict, capacity: int) -> tuple[np.ndarray, np.ndarray]:
     return pos, tgt
 
 
+def with_label_slots(batch: dict, capacity: int | None = None) -> dict:
+    """The batch plus loss_pos / loss_tgt; capacity defaults to its own busiest row."""
+    if capacity is None:
+        capacity = round_capacity(int(labelled_per_row(batch).max()))
+    pos, tgt = label_slots(batch, capacity)
+    return {**batch, "loss_pos": pos, "loss_tgt": tgt}
+
+
 def labelled_per_row(batch: dict) -> np.ndarray:
     return (next_token_targets(batch["labels"], batch["segment_ids"]) != IGNORE).sum(1)
 
@@ -591,7 +599,7 @@ class BatchIterator:
                         "rows of %d: raising it to %d (one more compile)", most,
                         self.capacity.get(T, 0), T, new)
             self.capacity[T] = new
-        batch["loss_pos"], batch["loss_tgt"] = label_slots(batch, self.capacity[T])
+        batch = with_label_slots(batch, self.capacity[T])
         return {k: v[self.rows] for k, v in batch.items()}
 
     def state(self) -> dict:
@@ -614,15 +622,14 @@ def eval_batches(data: TokenizedData, batch_size: int, buckets, pad_id: int = 0)
         for start in range(0, len(members), batch_size):
             idx = [int(i) for i in members[start:start + batch_size]]
             rows = [[i] for i in idx] + [[] for _ in range(batch_size - len(idx))]
-            batch = collate_rows(data, rows, int(buckets[b]), pad_id)
-            batch["loss_pos"], batch["loss_tgt"] = label_slots(batch, capacity)
-            yield batch
+            yield with_label_slots(collate_rows(data, rows, int(buckets[b]), pad_id), capacity)
 
 
 __all__ = [
     "ALPACA_PROMPT_INPUT", "ALPACA_PROMPT_NO_INPUT", "BatchIterator", "DataError", "IGNORE",
     "LLM_ADAPTERS_PROMPT_INPUT", "LLM_ADAPTERS_PROMPT_NO_INPUT", "TEMPLATES", "TokenizedData",
     "alpaca_prompt", "bucket_index", "build_datasets", "byte_tokenizer", "collate",
-    "collate_rows", "eval_batches", "label_slots", "next_token_targets", "pack_rows", "load_records", "load_tokenizer", "pad_id", "render", "render_chat",
+    "collate_rows", "eval_batches", "label_slots", "next_token_targets", "pack_rows",
+    "with_label_slots", "load_records", "load_tokenizer", "pad_id", "render", "render_chat",
     "tokenize", "tokenize_file",
 ]

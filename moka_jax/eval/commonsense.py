@@ -134,15 +134,15 @@ def _continuation_logprobs(graphdef, state, ctx_BT, ctx_mask_BT, cont_BCL, cont_
     model = nnx.merge(graphdef, state)
     b, c, l = cont_BCL.shape
     cache = model.init_cache(b, ctx_BT.shape[1] + l)
-    logits_BTV, cache = model(ctx_BT, ctx_mask_BT, cache=cache)
-    first_BV = jax.nn.log_softmax(logits_BTV[:, -1])
+    # The head runs only where a continuation token is predicted: the context's last position
+    # (for token 0) and the continuation's positions before its last (tokens 1..).
+    x_BTD, cache = model.hidden(ctx_BT, ctx_mask_BT, cache=cache)
+    first_BV = jax.nn.log_softmax(model.logits(x_BTD[:, -1]))
     tiled = jax.tree.map(lambda x: jnp.repeat(x, c, axis=0) if x.ndim >= 2 else x, cache)
     cont_NL, mask_NL = cont_BCL.reshape(b * c, l), cont_mask_BCL.reshape(b * c, l)
-    logits_NLV, _ = model(cont_NL, mask_NL, cache=tiled)
-    # Token j of a continuation is predicted by the logits before it: the context's last
-    # position for j = 0, the continuation's position j - 1 after that.
+    x_NLD, _ = model.hidden(cont_NL, mask_NL, cache=tiled)
     prev_NLV = jnp.concatenate([jnp.repeat(first_BV, c, axis=0)[:, None],
-                                jax.nn.log_softmax(logits_NLV[:, :-1])], axis=1)
+                                jax.nn.log_softmax(model.logits(x_NLD[:, :-1]))], axis=1)
     tok_NL = jnp.take_along_axis(prev_NLV, cont_NL[..., None], axis=-1)[..., 0]
     return jnp.sum(jnp.where(mask_NL, tok_NL, 0.0), axis=-1).reshape(b, c)
 

@@ -229,7 +229,7 @@ class Embed(nnx.Module):
 
     def attend(self, x_BTD):
         """Tied output head: x @ E.T."""
-        return jnp.einsum("btd,vd->btv", x_BTD, self.embedding.get_value().astype(x_BTD.dtype))
+        return jnp.einsum("...d,vd->...v", x_BTD, self.embedding.get_value().astype(x_BTD.dtype))
 
 
 class Attention(nnx.Module):
