@@ -81,7 +81,7 @@ def time_variant(variant: str, layers: int, steps: int, batch: dict) -> dict:
         if i >= 2:
             times.append(time.perf_counter() - t0)
     t = statistics.median(times)
-    tokens = int(batch["attention_mask"].size)
+    tokens = int(batch["input_ids"].size)
     return {"trainable_params": n_params, "step_seconds": t, "tokens_per_s": tokens / t,
             "compilations": step.compilations, "loss": float(m["loss"])}
 
@@ -95,8 +95,12 @@ def main():
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 49152, (1, args.batch, args.seq), dtype=np.int32)
-    batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(ids),
-             "attention_mask": jnp.ones_like(jnp.asarray(ids))}
+    # Every position labelled (the worst case for the head), one example per row.
+    T = args.seq
+    batch = {"input_ids": jnp.asarray(ids), "segment_ids": jnp.ones_like(jnp.asarray(ids)),
+             "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), ids.shape),
+             "loss_pos": jnp.broadcast_to(jnp.arange(T - 1, dtype=jnp.int32), (1, args.batch, T - 1)),
+             "loss_tgt": jnp.asarray(ids[:, :, 1:])}
     res = {"bench": "train_step", "model": "SmolLM2-135M shapes, random weights, nf4 base",
            "layers": args.layers, "batch": [args.batch, args.seq], "backend": jax.default_backend(),
            "cpu_count": os.cpu_count(), "adapted": "q_proj, v_proj", "variants": {}}
