@@ -5,7 +5,9 @@ Variants, each the real jitted TrainStep (loss, grads of the trainable tree, Ada
     leaf, so the backward runs through every layer exactly as the adapters' does;
   - lora_r16: LoRA r=16 on q_proj, v_proj;
   - moka: MoKA r=4 on q_proj, v_proj, planner shapes, about a quarter of LoRA r=16's params.
-Median of --steps timed steps after 2 warm-up steps. Last stdout line: one JSON object.
+The loss scores --labelled positions per row (16; the trainer's head runs on the labelled
+positions only). Median of --steps timed steps after 2 warm-up steps. Last stdout line: one
+JSON object.
 
     python bench/train_step.py [--steps 3] [--layers 30]
 """
@@ -92,15 +94,17 @@ def main():
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--labelled", type=int, default=16, help="scored positions per row")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 49152, (1, args.batch, args.seq), dtype=np.int32)
-    # Every position labelled (the worst case for the head), one example per row.
-    T = args.seq
+    # One example per row, --labelled scored positions per row (the real data has 5-6 labelled
+    # tokens an example, so the trainer's head runs on about that many hidden states).
+    T, C = args.seq, args.labelled
     batch = {"input_ids": jnp.asarray(ids), "segment_ids": jnp.ones_like(jnp.asarray(ids)),
              "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), ids.shape),
-             "loss_pos": jnp.broadcast_to(jnp.arange(T - 1, dtype=jnp.int32), (1, args.batch, T - 1)),
-             "loss_tgt": jnp.asarray(ids[:, :, 1:])}
+             "loss_pos": jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (1, args.batch, C)),
+             "loss_tgt": jnp.asarray(ids[:, :, 1:C + 1])}
     res = {"bench": "train_step", "model": "SmolLM2-135M shapes, random weights, nf4 base",
            "layers": args.layers, "batch": [args.batch, args.seq], "backend": jax.default_backend(),
            "cpu_count": os.cpu_count(), "adapted": "q_proj, v_proj", "variants": {}}
