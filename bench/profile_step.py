@@ -90,6 +90,15 @@ def jax_parts(variant: str, layers: int, B: int, T: int, repeats: int) -> dict:
         y, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, mask), q, k, v)
         return vjp(y)
     parts["attention core"] = layers * median_time(jax.jit(attn_fb), (q, k, k), repeats)
+    # The same with jax.nn.dot_product_attention (XLA implementation): an alternative tried.
+    mask_B1TS = mask[:, None]
+
+    def dpa_fb(q, k, v):
+        y, vjp = jax.vjp(lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, mask=mask_B1TS, implementation="xla"), q, k, v)
+        return vjp(y)
+    alt = {"attention core, jax.nn.dot_product_attention":
+           layers * median_time(jax.jit(dpa_fb), (q, k, k), repeats)}
 
     block = model.layers[0]
     lins = [block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.attn.o_proj,
@@ -158,7 +167,7 @@ def jax_parts(variant: str, layers: int, B: int, T: int, repeats: int) -> dict:
         whole[name] = median_time(run, (batch,), repeats)
     core = sum(v for key, v in parts.items() if "labelled only" not in key)
     parts["rest (norms, RoPE, SwiGLU, residuals)"] = max(whole["full logits"] - core, 0.0)
-    return {"parts_seconds": parts, "step_seconds": whole,
+    return {"parts_seconds": parts, "alternatives_seconds": alt, "step_seconds": whole,
             "trainable_params": nn.count_params(model)}
 
 
