@@ -26,10 +26,11 @@ FLAG_SETS = {
     "xnnpack": "--xla_cpu_use_xnnpack=true",
     "vector_width_512": "--xla_cpu_prefer_vector_width=512",
     "concurrency_scheduler": "--xla_cpu_enable_concurrency_optimized_scheduler=true",
+    "bf16_compute": "",  # not a flag: the same step with model.dtype bfloat16
 }
 
 
-def child(steps: int, layers: int, rows: int, seq: int, labelled: int) -> dict:
+def child(steps: int, layers: int, rows: int, seq: int, labelled: int, dtype: str) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -53,7 +54,7 @@ def child(steps: int, layers: int, rows: int, seq: int, labelled: int) -> dict:
     mm = jax.jit(lambda x, w: jax.vjp(lambda x: x @ w, x)[1](jnp.ones((x.shape[0], 1536)))[0])
     matmul = timed(mm, x, w)
 
-    graphdef, params, frozen = split_model(build("moka", layers))
+    graphdef, params, frozen = split_model(build("moka", layers, jnp.dtype(dtype)))
     tx = optax.adamw(2e-4)
     state = {"p": params, "o": tx.init(params)}
     step = TrainStep(graphdef, tx)
@@ -81,9 +82,10 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--labelled", type=int, default=16)
     ap.add_argument("--sets", default=",".join(FLAG_SETS))
+    ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    shape = (args.steps, args.layers, args.rows, args.seq, args.labelled)
+    shape = (args.steps, args.layers, args.rows, args.seq, args.labelled, args.dtype)
     if args.child:
         print(json.dumps(child(*shape)))
         return
@@ -95,7 +97,8 @@ def main(argv=None):
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FLAG_SETS[name])
         out = subprocess.run([sys.executable, __file__, "--child", "--steps", str(args.steps),
                               "--layers", str(args.layers), "--rows", str(args.rows),
-                              "--seq", str(args.seq), "--labelled", str(args.labelled)],
+                              "--seq", str(args.seq), "--labelled", str(args.labelled),
+                              "--dtype", "bfloat16" if name == "bf16_compute" else "float32"],
                              stdout=subprocess.PIPE, text=True, env=env)
         lines = out.stdout.strip().splitlines()
         res["sets"][name] = ({"flags": FLAG_SETS[name], **json.loads(lines[-1])}
