@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -43,18 +42,6 @@ TORCH_FAMILIES = [
 LABELLED_PER_ROW = 7  # the bench batch's 54 labelled tokens over 8 rows, rounded up
 
 
-def median_time(fn, args, repeats):
-    import jax
-
-    jax.block_until_ready(fn(*args))  # compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def jax_parts(variant: str, layers: int, B: int, T: int, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
@@ -65,6 +52,7 @@ def jax_parts(variant: str, layers: int, B: int, T: int, repeats: int) -> dict:
     from moka_jax.adapters import LoRAConfig, MoKAConfig
     from moka_jax.models.llama import Llama, attend, attention_mask
     from moka_jax.train.step import TrainStep, labelled_loss_sums, split_model, token_loss_sums
+    from timing import median_seconds as median_time
     from train_step import smollm2_config
 
     nf4 = variant == "moka_nf4"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -39,14 +38,10 @@ def child(steps: int, layers: int, rows: int, seq: int, labelled: int, dtype: st
     from moka_jax.train.step import TrainStep, split_model
     from train_step import build
 
+    from timing import median_seconds
+
     def timed(fn, *args):
-        jax.block_until_ready(fn(*args))
-        ts = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
+        return median_seconds(fn, args, steps)
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((rows * seq, 576)), jnp.float32)
