@@ -51,7 +51,7 @@ def jax_parts(variant: str, layers: int, B: int, T: int, repeats: int) -> dict:
     from moka_jax import nn, quant
     from moka_jax.adapters import LoRAConfig, MoKAConfig
     from moka_jax.models.llama import Llama, attend, attention_mask
-    from moka_jax.train.step import TrainStep, labelled_loss_sums, split_model, token_loss_sums
+    from moka_jax.train.step import TrainStep, split_model, token_loss_sums
     from timing import median_seconds as median_time
     from train_step import smollm2_config
 
