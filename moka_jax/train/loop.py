@@ -226,7 +226,8 @@ def finish(cfg, out_dir: Path, model, params, source, writer) -> dict:
             "tiny": dataclasses.asdict(cfg.model.tiny) if source is None else None}
     adapter_dir = save_adapter(out_dir / "adapter", params,
                                adapter_config=adapter_config_to_dict(cfg.adapter.config),
-                               targets=cfg.adapter.targets, base=base, overwrite=True)
+                               targets=cfg.adapter.targets, base=base, overwrite=True,
+                               data={"template": cfg.data.template})
     out = {"adapter_dir": str(adapter_dir)}
     writer.flush()
     records = read_metrics(out_dir / "metrics.jsonl")
