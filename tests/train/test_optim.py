@@ -2,7 +2,6 @@
 gates' updates alone) and the gate entropy the trainer logs."""
 
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
