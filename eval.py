@@ -5,10 +5,13 @@
     python eval.py --model smollm2 --perplexity data/instruct/dolly_open_qa/train.json --limit 200
     python eval.py --model smollm2 --mmlu --shots 5 --limit 10         # 10 val questions / subject
 
---mode generate follows LLM-Adapters (their eval prompt, <= 32 new tokens, first regex match of
-the task's answer pattern), greedy by default; --beams 4 is their setting (beam search as
-transformers' generate(num_beams=4), about 4x the decode cost). --mode choice ranks the task's
-candidate answers by summed token log-prob.
+The prompt is the training template's (the adapter's recorded data.template, else alpaca), in
+exactly the tokens training saw up to the response. --template llm-adapters-eval is LLM-Adapters'
+commonsense_evaluate.py string instead (for reproducing their protocol; its trailing spaces
+tokenise unlike any training prompt). --mode generate: <= 32 new tokens, first regex match of
+the task's answer pattern (the share that parses is reported per task), greedy by default;
+--beams 4 is LLM-Adapters' setting (beam search as transformers' generate(num_beams=4), about 4x
+the decode cost). --mode choice ranks the task's candidate answers by summed token log-prob.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ def parse_args(argv=None):
                     help=f"default: all of {list(TASKS)}")
     ap.add_argument("--data-dir", default=str(REPO / "data" / "commonsense"),
                     help="<dir>/<task>/dev.json (LLM-Adapters format)")
-    ap.add_argument("--template", default=None, choices=(*PROMPT_TEMPLATES, "chat"),
-                    help="prompt template: commonsense default llm-adapters-eval, "
-                         "perplexity default alpaca")
+    ap.add_argument("--template", default=None, choices=PROMPT_TEMPLATES,
+                    help="prompt template; default: the adapter's training data.template, else "
+                         "alpaca. llm-adapters-eval = LLM-Adapters' evaluation string "
+                         "(commonsense only)")
     ap.add_argument("--limit", type=int, default=None,
                     help="first N records per task / file, or N val questions per MMLU subject")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -58,9 +62,10 @@ def parse_args(argv=None):
     ap.add_argument("--shots", type=int, default=5)
     ap.add_argument("--out", default=None, help="JSON file with every prediction")
     args = ap.parse_args(argv)
-    if args.template == "chat" and not args.perplexity:
-        ap.error("--template chat applies to --perplexity only (commonsense and MMLU prompts are "
-                 "plain text)")
+    if args.template is not None and args.mmlu:
+        ap.error("--template does not apply to --mmlu (MMLU prompts are plain k-shot text)")
+    if args.template == "llm-adapters-eval" and args.perplexity:
+        ap.error("--template llm-adapters-eval applies to commonsense evaluation only")
     if args.beams < 1:
         ap.error("--beams: at least 1 (1 = greedy)")
     if args.beams != 1 and (args.mode != "generate" or args.perplexity or args.mmlu):
@@ -86,6 +91,7 @@ def main(argv=None) -> int:
             tasks = cs.load_tasks(args.data_dir, args.tasks, args.limit)
         t0 = time.perf_counter()
         model, config, tok = load_eval_model(args.model, args.quant, args.adapter, seed=args.seed)
+        args.template = args.template or training_template(args.adapter)
         report = run(args, model, config, tok, tasks)
     except (ValueError, FileNotFoundError, DataError, AdapterMismatch, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -97,6 +103,16 @@ def main(argv=None) -> int:
         Path(args.out).write_text(json.dumps(report, indent=1))
         print(f"predictions: {args.out}", file=sys.stderr)
     return 0
+
+
+def training_template(adapter) -> str:
+    """The data.template an exported adapter was trained with (alpaca when unrecorded)."""
+    from moka_jax.eval.commonsense import DEFAULT_TEMPLATE
+    from moka_jax.train.checkpoint import read_adapter_meta
+
+    if adapter is None:
+        return DEFAULT_TEMPLATE
+    return (read_adapter_meta(adapter).get("data") or {}).get("template", DEFAULT_TEMPLATE)
 
 
 def run(args, model, config, tok, tasks) -> dict:
@@ -117,7 +133,7 @@ def run(args, model, config, tok, tasks) -> dict:
         print(mmlu_table(r))
         return {"mode": "mmlu", **r}
     from moka_jax.generate import eos_ids
-    template = args.template or "llm-adapters-eval"
+    template = args.template or cs.DEFAULT_TEMPLATE
     kw = {} if args.mode == "choice" else {"eos_token_ids": eos_ids(config, tok),
                                            "max_new_tokens": args.max_new_tokens,
                                            "num_beams": args.beams}

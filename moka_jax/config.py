@@ -122,6 +122,7 @@ class TrainConfig:
     batch_size: int = 32           # global rows per optimizer step (one example each unless packing)
     grad_accum: int = 1            # micro-batches per step (batch_size / grad_accum each)
     lr: float = 2e-4
+    gate_lr_mult: float = 1.0      # MoKA gates' lr = lr x this (1.0 until bench/gate_lr_sweep.py is run)
     warmup_steps: int = 100
     schedule: str = field(default="cosine", metadata=_choices("cosine", "linear", "constant"))
     min_lr_ratio: float = 0.0      # end of the cosine / linear decay, as a fraction of lr
@@ -434,6 +435,9 @@ def _check(cfg: Config, sources: _Sources):
             fail(f"train.{name}", f"train.{name} = {getattr(t, name)}, expected >= 0")
     if t.lr <= 0:
         fail("train.lr", f"train.lr = {t.lr}, expected > 0")
+    if t.gate_lr_mult <= 0:
+        fail("train.gate_lr_mult", f"train.gate_lr_mult = {t.gate_lr_mult}, expected > 0 "
+             "(1.0 = the gates learn at train.lr)")
     if t.warmup_steps > t.steps:
         fail("train.warmup_steps", f"train.warmup_steps = {t.warmup_steps} exceeds train.steps = {t.steps}; lower it")
     if not 0.0 <= t.min_lr_ratio <= 1.0:

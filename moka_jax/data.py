@@ -230,17 +230,16 @@ def tokenize(records: list[dict], tokenizer, *, template: str = "alpaca", cutoff
              train_on_inputs: bool = False, add_eos: bool = True) -> tuple[list, list]:
     """(input_ids, labels): lists of int32 arrays, one pair per record.
 
-    The full text is tokenised once (batched) and a token is a prompt token when it starts
-    inside the prompt's characters, so the mask follows the joint tokenisation exactly
-    (a slow tokenizer without offsets masks len(tokenize(prompt)) tokens instead).
-    As in LLM-Adapters: truncate to cutoff_len, then append EOS only if there is room.
+    The prompt tokens are exactly encode_prompts(prompt), what evaluation feeds the model
+    (see encode_pairs), so a trained model is asked its questions in the tokens it was
+    trained on. As in LLM-Adapters: truncate to cutoff_len, then append EOS only if there
+    is room.
     """
     pairs = render_chat(records, tokenizer) if template == "chat" else [
         render(r, template) for r in records]
     prompts = [p for p, _ in pairs]
     fulls = [f for _, f in pairs]
-    special = template != "chat"  # a chat template writes its own BOS
-    ids_list, prompt_lens = _encode(tokenizer, prompts, fulls, special)
+    ids_list, prompt_lens = encode_pairs(tokenizer, prompts, fulls, template)
     eos = tokenizer.eos_token_id
     ids_out, labels_out = [], []
     for ids, n_prompt, prompt, full in zip(ids_list, prompt_lens, prompts, fulls):
@@ -258,23 +257,33 @@ def tokenize(records: list[dict], tokenizer, *, template: str = "alpaca", cutoff
     return ids_out, labels_out
 
 
-def _encode(tokenizer, prompts, fulls, special):
-    """Token ids of `fulls` and, per text, how many leading tokens belong to the prompt."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and backend.truncation is None and backend.padding is None:
-        encs = backend.encode_batch(fulls, add_special_tokens=special)
-        return [e.ids for e in encs], [_prompt_tokens(e.offsets, len(p)) for e, p in zip(encs, prompts)]
-    ids = tokenizer(fulls, add_special_tokens=special)["input_ids"]
-    n_prompt = [len(x) for x in tokenizer(prompts, add_special_tokens=special)["input_ids"]]
-    return ids, n_prompt
+def encode_prompts(tokenizer, prompts: list[str], template: str = "alpaca") -> list[list[int]]:
+    """Token ids of rendered prompts, as training masks them and evaluation feeds them.
+
+    Special tokens (a BOS) are added except for the chat template, which writes its own.
+    """
+    return tokenizer(list(prompts), add_special_tokens=template != "chat")["input_ids"]
 
 
-def _prompt_tokens(offsets, prompt_chars: int) -> int:
-    """Index of the first real token (special tokens have empty spans) starting at or after
-    the prompt's last character; tokens straddling the boundary count as prompt."""
-    spans = np.asarray(offsets, np.int64).reshape(-1, 2)
-    response = np.flatnonzero((spans[:, 0] >= prompt_chars) & (spans[:, 1] > spans[:, 0]))
-    return int(response[0]) if len(response) else len(spans)
+def encode_pairs(tokenizer, prompts, fulls, template: str = "alpaca"):
+    """(ids of each full text, number of leading prompt tokens); ids start with the prompt's
+    own tokens, encode_prompts(prompt), always.
+
+    Where the joint tokenisation of prompt + response begins with the prompt's tokens (a clean
+    boundary: alpaca and chat on BPE tokenizers) the ids are the joint ones. Where a token
+    straddles the boundary (byte-level BPE merges the llm-adapters template's 16 trailing
+    spaces with the response's first word) no prompt could reproduce the joint tokens at
+    evaluation, so the response is tokenised on its own and appended instead.
+    """
+    prompt_ids = encode_prompts(tokenizer, prompts, template)
+    full_ids = tokenizer(list(fulls), add_special_tokens=template != "chat")["input_ids"]
+    out = []
+    for p_ids, f_ids, prompt, full in zip(prompt_ids, full_ids, prompts, fulls):
+        if list(f_ids[:len(p_ids)]) != list(p_ids):
+            tail = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+            f_ids = list(p_ids) + list(tail)
+        out.append(list(f_ids))
+    return out, [len(p) for p in prompt_ids]
 
 
 @dataclasses.dataclass
@@ -629,7 +638,8 @@ __all__ = [
     "ALPACA_PROMPT_INPUT", "ALPACA_PROMPT_NO_INPUT", "BatchIterator", "DataError", "IGNORE",
     "LLM_ADAPTERS_PROMPT_INPUT", "LLM_ADAPTERS_PROMPT_NO_INPUT", "TEMPLATES", "TokenizedData",
     "alpaca_prompt", "bucket_index", "build_datasets", "byte_tokenizer", "collate",
-    "collate_rows", "eval_batches", "label_slots", "next_token_targets", "pack_rows",
-    "with_label_slots", "load_records", "load_tokenizer", "pad_id", "render", "render_chat",
+    "collate_rows", "encode_pairs", "encode_prompts", "eval_batches", "label_slots",
+    "load_records", "load_tokenizer", "next_token_targets", "pack_rows", "pad_id", "render",
+    "render_chat", "with_label_slots",
     "tokenize", "tokenize_file",
 ]

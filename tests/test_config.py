@@ -9,7 +9,9 @@ from moka_jax import config as C
 from moka_jax.adapters import DoRAConfig, LoRAConfig, MoKAConfig, MoKAsConfig
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs").glob("*/*.yaml"))
+# Run configs; configs/experiments/sweep.yaml is the sweep's protocol, not a run config.
+CONFIGS = [p for p in sorted((REPO / "configs").glob("*.yaml"))
+           + sorted((REPO / "configs").glob("*/*.yaml")) if p.name != "sweep.yaml"]
 TRAIN_FILE = "data/commonsense_train/boolq/train.json"
 
 

@@ -151,8 +151,11 @@ def _flat(tree) -> dict[str, np.ndarray]:
 
 
 def save_adapter(out_dir, params, *, adapter_config: dict, targets: str, base: dict,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, data: dict | None = None) -> Path:
     """Write the adapter tree as safetensors with its config embedded as metadata.
+
+    data: how the training text was rendered ({"template": ...}), so evaluation can prompt
+    in the same format.
 
     <out_dir>/adapter.safetensors (keys = module paths, header metadata = adapter.json) and a
     readable adapter.json. Plain files, no cross-process barrier: call it on one process.
@@ -168,6 +171,8 @@ def save_adapter(out_dir, params, *, adapter_config: dict, targets: str, base: d
     tensors = {k: np.ascontiguousarray(v) for k, v in _flat(local_numpy(pure)).items()}
     meta = {"format": ADAPTER_FORMAT, "adapter": adapter_config, "targets": targets,
             "base": base, "tree": tree_signature(tensors)}
+    if data is not None:
+        meta["data"] = data
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         save_file(tensors, str(tmp / "adapter.safetensors"),

@@ -21,12 +21,15 @@ from moka_jax.config import Config, resolve_path, validate
 from moka_jax.train import sharding
 from moka_jax.train.checkpoint import TrainCheckpointer, local_numpy, save_adapter
 from moka_jax.train.metrics import MetricsWriter, plot_gates, plot_loss, read_metrics
-from moka_jax.train.optim import lr_schedule, make_optimizer
+from moka_jax.train.optim import gate_entropy, lr_schedule, make_optimizer
 from moka_jax.train.step import TrainStep, split_model, step_inputs
 
 # Keys that may change between a run and its resumption without changing what is trained.
 _VOLATILE = {"train": {"steps", "log_every", "eval_every", "eval_batches", "save_every",
                        "keep_last", "resume", "out_dir"}, "mesh": None}
+# Keys added after runs were checkpointed, at the value that trains as before: left out of the
+# fingerprint there, so those runs still resume.
+_ADDED_LATER = {"train": {"gate_lr_mult": 1.0}}
 
 
 class TrainingDiverged(RuntimeError):
@@ -45,6 +48,10 @@ def fingerprint(cfg: Config) -> dict:
         else:
             for k in keys:
                 d.get(section, {}).pop(k, None)
+    for section, keys in _ADDED_LATER.items():
+        for k, old in keys.items():
+            if d.get(section, {}).get(k) == old:
+                d[section].pop(k)
     return d
 
 
@@ -193,6 +200,9 @@ def train(cfg: Config, *, max_steps: int | None = None, quiet: bool = False) -> 
             lr = float(schedule(done - 1))
             rec = {"loss": losses[-1], "lr": lr, "grad_norm": float(m["grad_norm"]),
                    "tokens_per_s": tok_acc / (now - t_last)}
+            entropy = gate_entropy(params)  # MoKA only: are the gates moving off uniform?
+            if entropy is not None:
+                rec["gate_entropy"] = entropy
             writer.write(done, **rec)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}",
                             tok_s=f"{rec['tokens_per_s']:.0f}")
@@ -245,7 +255,8 @@ def finish(cfg, out_dir: Path, model, params, source, writer) -> dict:
             "tiny": dataclasses.asdict(cfg.model.tiny) if source is None else None}
     adapter_dir = save_adapter(out_dir / "adapter", params,
                                adapter_config=adapter_config_to_dict(cfg.adapter.config),
-                               targets=cfg.adapter.targets, base=base, overwrite=True)
+                               targets=cfg.adapter.targets, base=base, overwrite=True,
+                               data={"template": cfg.data.template})
     out = {"adapter_dir": str(adapter_dir)}
     writer.flush()
     records = read_metrics(out_dir / "metrics.jsonl")
