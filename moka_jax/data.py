@@ -1,4 +1,4 @@
-"""Instruction data: JSON / JSONL / Parquet / datasets sources -> prompts -> token ids -> bucketed batches.
+"""Instruction data: JSON / JSONL / Parquet / `datasets` sources -> prompts -> token ids -> batches.
 
     tok = load_tokenizer("smollm2")                      # or "bytes", or a HF directory
     train, val = build_datasets(cfg.data, tok)

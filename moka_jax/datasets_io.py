@@ -1,9 +1,8 @@
 """Instruction data through Hugging Face `datasets`: files or a Dataset -> checked columns ->
 tokenised with `.map(batched=True)`, cached on disk so a second run skips tokenisation.
 
-    ds, where = load_table("data/commonsense_train/boolq/train.json")   # or .jsonl / .parquet /
-                                                                         # a save_to_disk dir / a Dataset
-    data = tokenize_source(ds_or_path, tokenizer, fields=DataFields(output="response"))
+    ds, where = load_table("data/commonsense_train/boolq/train.json")  # or a Dataset, ...
+    data = tokenize_source("my.parquet", tokenizer, fields=DataFields(output="response"))
 
 Sources: `.json` (a list of records, or one object per line), `.jsonl`, `.parquet`, a
 directory written by `Dataset.save_to_disk`, or an in-memory `datasets.Dataset`. Columns are
@@ -42,7 +41,8 @@ def cache_root() -> Path:
     """$MOKA_DATA_CACHE, else <$MOKA_CACHE or ~/.cache/moka_jax>/datasets."""
     root = os.environ.get("MOKA_DATA_CACHE")
     if not root:
-        root = Path(os.environ.get("MOKA_CACHE") or Path.home() / ".cache" / "moka_jax") / "datasets"
+        root = Path(os.environ.get("MOKA_CACHE") or Path.home() / ".cache" / "moka_jax")
+        root = root / "datasets"
     return Path(root).expanduser().absolute()
 
 
@@ -59,12 +59,12 @@ class Where:
 
     def __init__(self, source):
         self.path = None if is_dataset(source) else Path(source)
-        self.name = f"<datasets.Dataset {source._fingerprint}>" if self.path is None else str(source)
+        self.name = str(source) if self.path else f"<datasets.Dataset {source._fingerprint}>"
         self._lines = None
         self.kind = "row"
-        if self.path is not None and self.path.suffix in (".json", ".jsonl") and self.path.is_file():
-            self.kind = "record" if self.path.suffix == ".json" and _first_char(self.path) == "[" \
-                else "line"
+        if self.path and self.path.suffix in (".json", ".jsonl") and self.path.is_file():
+            listed = self.path.suffix == ".json" and _first_char(self.path) == "["
+            self.kind = "record" if listed else "line"
 
     def row(self, i: int) -> str:
         if self.kind != "line":
@@ -194,7 +194,8 @@ def check_columns(ds, where: Where, fields: DataFields, format: str = "auto") ->
         else:
             if where.path is not None and where.path.suffix in (".json", ".jsonl"):
                 _diagnose_json(where.path)
-            i, v = next((i, v) for i, v in enumerate(ds[col]) if v is not None and not isinstance(v, str))
+            i, v = next((i, v) for i, v in enumerate(ds[col])
+                        if v is not None and not isinstance(v, str))
             problems.append((i, f"field {col!r} is {type(v).__name__}, expected a string"
                                 + (f" (data.fields.{part})" if col != part else "")))
     if problems:
@@ -268,6 +269,7 @@ def tokenize_source(source, tokenizer, *, format: str = "auto", limit: int | Non
     out = ds.map(tokenize_batch, batched=True, remove_columns=ds.column_names,
                  features=datasets.Features({"input_ids": ids_feature, "labels": ids_feature}),
                  cache_file_name=cache_file, new_fingerprint=key,
+                 load_from_cache_file=None if key else False,
                  desc=f"tokenising {_short(where.name)}")
     (ids, offsets), (labels, _) = _flat(out, "input_ids"), _flat(out, "labels")
     labelled = np.concatenate([[0], np.cumsum(labels != D.IGNORE)])

@@ -287,3 +287,13 @@ def test_config_checks_fields_and_source_kinds(tmp_path):
                                             r"\.parquet or a Dataset\.save_to_disk directory"):
         C.validate(c)
     C.validate(C.config_from_dict({**base, "data": {"train": [str(tmp_path / "disk")]}}))
+
+
+def test_run_fingerprint_keeps_the_default_field_mapping_out():
+    """A checkpoint written before data.fields existed still resumes; a mapping counts."""
+    from moka_jax.train.loop import fingerprint
+
+    d = {"model": {"path": "random", "tokenizer": "bytes"}, "data": {"train": ["x.json"]}}
+    assert "fields" not in fingerprint(C.config_from_dict(d))["data"]
+    d["data"]["fields"] = {"output": "response"}
+    assert fingerprint(C.config_from_dict(d))["data"]["fields"]["output"] == "response"

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from moka_jax import data as data_lib
 from moka_jax import nn
 from moka_jax.adapters import MoKA, MoKAs, adapter_config_to_dict
-from moka_jax.config import Config, resolve_path, validate
+from moka_jax.config import Config, DataFields, resolve_path, validate
 from moka_jax.train import sharding
 from moka_jax.train.checkpoint import TrainCheckpointer, local_numpy, save_adapter
 from moka_jax.train.metrics import MetricsWriter, plot_gates, plot_loss, read_metrics
@@ -45,6 +45,8 @@ def fingerprint(cfg: Config) -> dict:
         else:
             for k in keys:
                 d.get(section, {}).pop(k, None)
+    if d["data"].get("fields") == dataclasses.asdict(DataFields()):
+        del d["data"]["fields"]  # default mapping: runs from before data.fields still resume
     return d
 
 
