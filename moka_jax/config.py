@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -90,11 +91,25 @@ class AdapterSection:
 
 @dataclass(frozen=True)
 class DataFile:
-    """One training / validation file; a bare string in YAML is shorthand for {path: ...}."""
+    """One training / validation source; a bare string in YAML is shorthand for {path: ...}.
+
+    path: a .json / .jsonl / .parquet file or a `Dataset.save_to_disk` directory; from Python
+    also an in-memory `datasets.Dataset` (a bare Dataset in the list is shorthand too).
+    """
 
     path: str
     weight: float | None = None    # mixing weight; all files weighted or none (= concatenate)
     limit: int | None = None       # use at most the first `limit` records
+
+
+@dataclass(frozen=True)
+class DataFields:
+    """Which column of the data holds each part of a record (default: LLM-Adapters / Alpaca)."""
+
+    instruction: str = "instruction"
+    input: str = "input"           # may be absent (= "") unless renamed here
+    output: str = "output"
+    answer: str = "answer"         # commonsense format only
 
 
 @dataclass(frozen=True)
@@ -103,6 +118,7 @@ class DataConfig:
     val: list[DataFile] = field(default_factory=list)
     val_size: int = 0              # records held out of the training mixture for validation
     format: str = field(default="auto", metadata=_choices("auto", "alpaca", "commonsense"))
+    fields: DataFields = field(default_factory=DataFields)
     # alpaca: tloen/alpaca-lora's text; llm-adapters: LLM-Adapters' finetune.py string byte for
     # byte (16-space indents, trailing spaces); chat: the tokenizer's chat template
     template: str = field(default="alpaca", metadata=_choices("alpaca", "llm-adapters", "chat"))
@@ -174,7 +190,15 @@ class Config:
 # ----------------------------------------------------------------------------- dict <-> tree
 
 
+def _is_dataset(obj) -> bool:
+    """An in-memory datasets.Dataset (checked without importing datasets)."""
+    ds = sys.modules.get("datasets")
+    return ds is not None and isinstance(obj, ds.Dataset)
+
+
 def _to_dict(obj):
+    if _is_dataset(obj):  # stands for its data in run fingerprints; not reloadable from YAML
+        return f"<datasets.Dataset {obj._fingerprint}>"
     if isinstance(obj, AdapterSection):
         options = {k: _to_dict(v) for k, v in dataclasses.asdict(obj.config).items() if k != "kind"}
         return {"kind": obj.kind, "targets": obj.targets, **options}
@@ -280,7 +304,7 @@ def _convert(hint, value, key, sources):
                 pass
         bad()
     if dataclasses.is_dataclass(hint):
-        if hint is DataFile and isinstance(value, str):
+        if hint is DataFile and (isinstance(value, str) or _is_dataset(value)):
             value = {"path": value}
         return _build(hint, value, key, sources)
     if typing.get_origin(hint) is list:
@@ -318,6 +342,9 @@ def _build(cls, d, prefix, sources):
         key = f"{prefix}.{f.name}" if prefix else f.name
         if cls is Config and f.name == "adapter":
             kwargs[f.name] = _build_adapter(d[f.name], sources)
+            continue
+        if cls is DataFile and f.name == "path" and _is_dataset(d[f.name]):
+            kwargs[f.name] = d[f.name]
             continue
         value = _convert(hints[f.name], d[f.name], key, sources)
         choices = f.metadata.get("choices")
@@ -425,6 +452,16 @@ def _check(cfg: Config, sources: _Sources):
              f"{d.buckets[-1]} (data.buckets = {d.buckets}); add a bucket >= {d.cutoff_len} or lower it")
     if d.val_size < 0:
         fail("data.val_size", f"data.val_size = {d.val_size}, expected >= 0")
+    columns = {}
+    for part in ("instruction", "input", "output", "answer"):
+        col = getattr(d.fields, part)
+        if not col:
+            fail(f"data.fields.{part}", f"data.fields.{part} is empty; name the column that "
+                 f"holds the {part}")
+        if part != "answer" and col in columns:
+            fail(f"data.fields.{part}", f"data.fields.{part} and data.fields.{columns[col]} "
+                 f"both read column {col!r}; give each part its own column")
+        columns.setdefault(col, part)
 
     t = cfg.train
     for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last"):
@@ -503,13 +540,21 @@ def resolve_path(path: str) -> Path:
     return REPO_ROOT / p if (REPO_ROOT / p).exists() else p
 
 
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet")  # or a Dataset.save_to_disk directory
+
+
 def _check_data_files(cfg: Config, sources: _Sources):
     for split in ("train", "val"):
         for i, f in enumerate(getattr(cfg.data, split)):
-            if not resolve_path(f.path).is_file():
-                key = f"data.{split}[{i}].path"
+            if _is_dataset(f.path):
+                continue
+            p, key = resolve_path(f.path), f"data.{split}[{i}].path"
+            if not (p.is_file() or p.is_dir()):
                 _error(sources, key, f"{key}: file not found: {f.path!r} "
                        f"(looked in {Path.cwd()} and {REPO_ROOT})")
+            if p.is_file() and p.suffix not in DATA_SUFFIXES:
+                _error(sources, key, f"{key}: {f.path!r} is not a data file moka-jax reads; "
+                       f"use {' / '.join(DATA_SUFFIXES)} or a Dataset.save_to_disk directory")
 
 
 def validate(cfg: Config, num_devices: int | None = None) -> Config:
@@ -672,7 +717,8 @@ def dump_config(cfg: Config) -> str:
 
 
 __all__ = [
-    "AdapterSection", "Config", "ConfigError", "DataConfig", "DataFile", "DistributedConfig",
+    "AdapterSection", "Config", "ConfigError", "DataConfig", "DataFields", "DataFile",
+    "DistributedConfig",
     "MeshConfig", "ModelConfig", "TinyModelConfig", "TrainConfig", "add_config_args",
     "config_from_dict", "dump_config", "load_config", "parse_value", "resolve_mesh",
     "resolve_path", "validate",

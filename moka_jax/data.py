@@ -1,4 +1,4 @@
-"""Instruction data: local JSON / JSONL files -> prompts -> token ids -> bucketed batches.
+"""Instruction data: JSON / JSONL / Parquet / `datasets` sources -> prompts -> token ids -> batches.
 
     tok = load_tokenizer("smollm2")                      # or "bytes", or a HF directory
     train, val = build_datasets(cfg.data, tok)
@@ -85,41 +85,19 @@ def _parse_file(path: Path) -> list:
     return out
 
 
-def load_records(path, format: str = "auto", limit: int | None = None) -> tuple[list[dict], str]:
-    """Records {instruction, input, output[, answer]} of one file, and its format.
+def load_records(path, format: str = "auto", limit: int | None = None,
+                 fields=None) -> tuple[list[dict], str]:
+    """Records {instruction, input, output[, answer]} of one source, and its format.
 
-    format "auto": "commonsense" when every record has `answer`, else "alpaca".
-    `input` may be missing (= ""). limit: keep the first `limit` records.
+    path: a .json / .jsonl / .parquet file, a Dataset.save_to_disk directory or a
+    datasets.Dataset (loaded through `datasets`, see datasets_io). format "auto":
+    "commonsense" when every record has `answer`, else "alpaca". `input` may be missing
+    (= ""). limit: keep the first `limit` records. fields: a config.DataFields naming the
+    columns (default: the parts' own names).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    items = _parse_file(path)
-    if limit is not None:
-        items = items[:limit]
-    if not items:
-        raise DataError(f"{path}: no records")
-    for where, r in items:
-        if not isinstance(r, dict):
-            raise DataError(f"{path}: {where}: expected an object, got {type(r).__name__}")
-    if format == "auto":
-        format = "commonsense" if all("answer" in r for _, r in items) else "alpaca"
-    if format not in FIELDS:
-        raise DataError(f"unknown data format {format!r}; choose one of {sorted(FIELDS)}")
-    records = []
-    for where, r in items:
-        for name in FIELDS[format]:
-            if name not in r:
-                raise DataError(f"{path}: {where}: missing field {name!r} ({format} format needs "
-                                f"{list(FIELDS[format])})")
-        rec = {"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]}
-        if format == "commonsense":
-            rec["answer"] = r["answer"]
-        for name, v in rec.items():
-            if not isinstance(v, str):
-                raise DataError(f"{path}: {where}: field {name!r} is {type(v).__name__}, expected a string")
-        records.append(rec)
-    return records, format
+    from moka_jax import datasets_io
+
+    return datasets_io.load_records(path, format, limit, fields)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -326,30 +304,28 @@ class TokenizedData:
 
 def tokenize_file(path, tokenizer, *, format: str = "auto", limit: int | None = None,
                   template: str = "alpaca", cutoff_len: int = 256, train_on_inputs: bool = False,
-                  add_eos: bool = True) -> TokenizedData:
-    """One file -> TokenizedData, dropping examples with no response token left after cutoff."""
-    records, _ = load_records(path, format, limit)
-    ids, labels = tokenize(records, tokenizer, template=template, cutoff_len=cutoff_len,
-                           train_on_inputs=train_on_inputs, add_eos=add_eos)
-    keep = [i for i, lab in enumerate(labels) if (lab != IGNORE).any()]
-    if not keep:
-        raise DataError(
-            f"{path}: all {len(records)} examples removed: none has a response token within "
-            f"data.cutoff_len = {cutoff_len} (the prompt fills it); raise cutoff_len")
-    if len(keep) < len(records):
-        log.info("%s: dropped %d of %d examples whose prompt fills cutoff_len %d",
-                 path, len(records) - len(keep), len(records), cutoff_len)
-    return TokenizedData([ids[i] for i in keep], [labels[i] for i in keep],
-                         np.zeros(len(keep), np.int64), [str(path)])
+                  add_eos: bool = True, fields=None, cache_dir=None) -> TokenizedData:
+    """One source (see load_records) -> TokenizedData, dropping examples with no response token
+    left after cutoff; tokenised by a cached datasets `.map` (datasets_io.tokenize_source)."""
+    from moka_jax import datasets_io
+
+    return datasets_io.tokenize_source(
+        path, tokenizer, format=format, limit=limit, template=template, cutoff_len=cutoff_len,
+        train_on_inputs=train_on_inputs, add_eos=add_eos, fields=fields, cache_dir=cache_dir)
 
 
 def build_datasets(data_cfg, tokenizer) -> tuple[TokenizedData, TokenizedData | None]:
-    """(train, val) from a config.DataConfig: per-file limits, mixing weights, held-out split."""
+    """(train, val) from a config.DataConfig: per-file limits, mixing weights, held-out split.
+    Every source is loaded and its columns checked before anything is compiled."""
+    from moka_jax.datasets_io import is_dataset
+
     kw = dict(format=data_cfg.format, template=data_cfg.template, cutoff_len=data_cfg.cutoff_len,
-              train_on_inputs=data_cfg.train_on_inputs, add_eos=data_cfg.add_eos)
+              train_on_inputs=data_cfg.train_on_inputs, add_eos=data_cfg.add_eos,
+              fields=data_cfg.fields)
 
     def load(files):
-        return [tokenize_file(resolve_path(f.path), tokenizer, limit=f.limit, **kw) for f in files]
+        return [tokenize_file(f.path if is_dataset(f.path) else resolve_path(f.path), tokenizer,
+                              limit=f.limit, **kw) for f in files]
 
     weights = [f.weight for f in data_cfg.train]
     train = TokenizedData.concat(load(data_cfg.train), None if None in weights else weights)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from moka_jax import data as data_lib
 from moka_jax import nn
 from moka_jax.adapters import MoKA, MoKAs, adapter_config_to_dict
-from moka_jax.config import Config, resolve_path, validate
+from moka_jax.config import Config, DataFields, resolve_path, validate
 from moka_jax.train import sharding
 from moka_jax.train.checkpoint import TrainCheckpointer, local_numpy, save_adapter
 from moka_jax.train.metrics import MetricsWriter, plot_gates, plot_loss, read_metrics
@@ -29,7 +29,7 @@ _VOLATILE = {"train": {"steps", "log_every", "eval_every", "eval_batches", "save
                        "keep_last", "resume", "out_dir"}, "mesh": None}
 # Keys added after runs were checkpointed, at the value that trains as before: left out of the
 # fingerprint there, so those runs still resume.
-_ADDED_LATER = {"train": {"gate_lr_mult": 1.0}}
+_ADDED_LATER = {"train": {"gate_lr_mult": 1.0}, "data": {"fields": dataclasses.asdict(DataFields())}}
 
 
 class TrainingDiverged(RuntimeError):
