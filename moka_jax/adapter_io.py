@@ -57,10 +57,13 @@ def _pure(params):
 
 def save_orbax(out_dir, params, meta: dict, overwrite: bool = False) -> Path:
     """The adapter tree as an orbax checkpoint; call it on EVERY process of a multi-host run
-    (orbax coordinates the write; arrays may be global). An existing out_dir is kept aside
-    until the new checkpoint is complete."""
+    (orbax's save is collective). The adapter is replicated, so host copies are written: the
+    checkpoint then records no device topology and restores anywhere without a target. An
+    existing out_dir is kept aside until the new checkpoint is complete."""
     import orbax.checkpoint as ocp
     from jax.experimental import multihost_utils
+
+    from moka_jax.train.checkpoint import local_numpy
 
     out_dir = Path(out_dir).expanduser().absolute()
     if out_dir.exists() and not overwrite:
@@ -72,7 +75,7 @@ def save_orbax(out_dir, params, meta: dict, overwrite: bool = False) -> Path:
             out_dir.rename(old)
         multihost_utils.sync_global_devices("moka_jax.save_orbax:aside")
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(out_dir, _string_keys(_pure(params)), custom_metadata=meta)
+    ckptr.save(out_dir, _string_keys(local_numpy(_pure(params))), custom_metadata=meta)
     ckptr.wait_until_finished()
     ckptr.close()
     if old is not None and jax.process_index() == 0:
