@@ -127,7 +127,7 @@ def run(args) -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m moka_jax.export", description=__doc__,
+    ap = argparse.ArgumentParser(prog="moka-export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None,
                     help="base model: `smollm2`, a Hugging Face directory, or `random` (tiny); "
