@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from moka_jax import nn, quant as quant_lib
-from moka_jax.adapters import adapter_config_from_dict, adapter_config_to_dict
+from moka_jax.adapters import adapter_config_to_dict
 
 
 def _tiny_model(tiny: dict | None, quant: str, dtype, block_size: int, double_quant: bool):
@@ -49,6 +49,9 @@ def load(base, adapter=None, quant: str | None = "nf4", dtype=None, *, tokenizer
     from moka_jax.eval import loading
     from moka_jax.models.hf import default_dtype, load_hf, read_config
 
+    if quant not in (None, "none", *quant_lib.QUANT_KINDS):
+        raise ValueError(f"quant={quant!r}; choose None (the adapter's), 'none' or one of "
+                         f"{quant_lib.QUANT_KINDS}")
     dtype = dtype or default_dtype()
     meta, config = None, None
     path = None if str(base) == "random" else loading.resolve_model(base)
@@ -176,4 +179,4 @@ def summary(model, *, print_fn=print) -> dict:
     return out
 
 
-__all__ = ["adapter_config_from_dict", "load", "merge", "save_adapter", "summary"]
+__all__ = ["load", "merge", "save_adapter", "summary"]

@@ -75,7 +75,9 @@ def test_lm_eval_accuracies_equal_our_choice_mode(adapter_dir, tmp_path, monkeyp
                           model_args=f"base=random,adapter={adapter_dir},quant=none,"
                                      "dtype=float32,greedy_check=false",  # acc needs no is_greedy
                           tasks=[f"moka_{t}" for t in TASKS], limit=N, batch_size=4,
-                          task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True)
+                          task_manager=TaskManager(include_path=str(tmp_path),
+                                                   include_defaults=False),
+                          log_samples=True)
     model, tok = mj.load("random", adapter=adapter_dir, quant="none", dtype=jnp.float32)
     for task in TASKS:
         records = cs.load_task(REPO_ROOT / "data/commonsense" / task / "dev.json", task, N)
