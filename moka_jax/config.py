@@ -76,12 +76,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AdapterSection:
-    """`targets` regex + one adapter config (MoKAConfig | MoKAsConfig | LoRAConfig | DoRAConfig).
+    """`targets` (a regex, or a list of module names as PEFT's target_modules) + one adapter
+    config (MoKAConfig | MoKAsConfig | LoRAConfig | DoRAConfig).
 
     YAML keeps them flat: {kind: moka, targets: ..., r: 10, scale: 1.0}.
     """
 
-    targets: str = DEFAULT_TARGETS
+    targets: str | list[str] = DEFAULT_TARGETS
     config: typing.Any = field(default_factory=MoKAConfig)
 
     @property
@@ -366,7 +367,8 @@ def _build_adapter(d, sources):
         hint = f"; did you mean '{close[0]}'?" if close else ""
         _error(sources, "adapter.kind",
                f"adapter.kind = {kind!r}, expected one of {sorted(ADAPTER_CONFIGS)}{hint}")
-    targets = _convert(str, d.pop("targets", DEFAULT_TARGETS), "adapter.targets", sources)
+    targets = _convert(str | list[str], d.pop("targets", DEFAULT_TARGETS), "adapter.targets",
+                       sources)
     cls = ADAPTER_CONFIGS[kind]
     names = [n for n in _field_names(cls) if n != "kind"]
     for k in d:
@@ -425,10 +427,18 @@ def _check(cfg: Config, sources: _Sources):
             fail("model.tiny.vocab", f"model.tiny.vocab = {t.vocab} is smaller than the byte "
                  f"tokenizer's {BYTE_VOCAB_SIZE} ids")
 
-    try:
-        re.compile(cfg.adapter.targets)
-    except re.error as e:
-        fail("adapter.targets", f"adapter.targets = {cfg.adapter.targets!r} is not a valid regex: {e}")
+    if isinstance(cfg.adapter.targets, str):
+        try:
+            re.compile(cfg.adapter.targets)
+        except re.error as e:
+            fail("adapter.targets", f"adapter.targets = {cfg.adapter.targets!r} is not a valid "
+                 f"regex: {e}")
+    else:
+        from moka_jax.nn import target_matcher
+        try:
+            target_matcher(cfg.adapter.targets)
+        except ValueError as e:
+            fail("adapter.targets", f"adapter.targets: {e}")
 
     d = cfg.data
     if not d.train:

@@ -252,6 +252,18 @@ def test_invalid_regex():
     assert "adapter.targets" in msg and "not a valid regex" in msg
 
 
+def test_targets_as_a_list_of_module_names(tmp_path):
+    p = write(tmp_path / "c.yaml", minimal(adapter={"kind": "lora", "targets": ["q_proj", "v_proj"]}))
+    cfg = C.load_config(p)
+    assert cfg.adapter.targets == ["q_proj", "v_proj"]
+    assert C.load_config(p, ["adapter.targets=[o_proj]"]).adapter.targets == ["o_proj"]
+    assert C.config_from_dict(cfg.to_dict()) == cfg
+    msg = error(C.config_from_dict, minimal(adapter={"targets": ["self_attn.q_proj"]}))
+    assert "adapter.targets" in msg and "['q_proj']" in msg
+    msg = error(C.config_from_dict, minimal(adapter={"targets": [3]}))
+    assert "adapter.targets" in msg and "str or list of str" in msg
+
+
 def test_other_structural_errors():
     assert "model.tokenizer" in error(C.config_from_dict, {"model": {"path": "random"},
                                                             "data": {"train": [TRAIN_FILE]}})

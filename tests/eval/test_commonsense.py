@@ -164,7 +164,7 @@ def test_adapter_roundtrip_and_shape_mismatch(tmp_path):
 
 
 def test_eval_prompts_in_the_adapters_training_template(tmp_path):
-    import eval as eval_cli
+    from moka_jax.cli import eval as eval_cli
     from moka_jax.train.checkpoint import read_adapter_meta
 
     adir = export_adapter(tmp_path)
@@ -210,7 +210,7 @@ def test_cli_smollm2_choice(tmp_path, capsys):
 
     if not is_complete(smollm2_cache_dir()) and os.environ.get("MOKA_SKIP_SLOW"):
         pytest.skip("SmolLM2 not converted yet")
-    import eval as eval_cli
+    from moka_jax.cli import eval as eval_cli
 
     out = tmp_path / "preds.json"
     assert eval_cli.main(["--tasks", "boolq", "--limit", "4", "--batch-size", "4",
