@@ -119,10 +119,14 @@ class MoKAs(nnx.Module):
     def delta(self, x, preferred_element_type=None):
         alpha = self.alpha() * self.scale
         acc = kron.accumulation_dtype(x.dtype)
+        # Each component's copy of x comes from one f32 x, so autodiff sums their cotangents
+        # in f32 (as kron_schedule.batched does); alpha is folded into C in f32.
+        x_acc = x.astype(acc)
         y = None
-        for i, c in enumerate(self.c):  # alpha folded into C in f32; components summed in f32
+        for i, c in enumerate(self.c):
             c_i = alpha[i] * c[...].astype(acc)
-            y_i = kron.blockdiag_apply(x, c_i, self.m, self.n, preferred_element_type=acc)
+            y_i = kron.blockdiag_apply(x_acc.astype(x.dtype), c_i, self.m, self.n,
+                                       preferred_element_type=acc)
             y = y_i if y is None else y + y_i
         return y.astype(preferred_element_type or x.dtype)
 
