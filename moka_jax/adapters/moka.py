@@ -153,7 +153,8 @@ class MoKAConfig:
     budget: int | None = None
     scale: float = DEFAULT_SCALE
     gated: bool = True
-    schedule: str = "auto"     # kron.SCHEDULES: auto (chunked on CPU, batched on GPU / TPU)
+    # How the apply runs (kron.resolve_schedule): auto = chunked on CPU, batched on GPU / TPU.
+    schedule: str = dataclasses.field(default="auto", metadata={"choices": kron.SCHEDULES})
     kind: str = "moka"
 
     def __post_init__(self):
