@@ -135,56 +135,8 @@ def test_blockdiag_apply_equals_numpy(m, n, p, seed):
     close(kron.blockdiag_materialize(jnp.asarray(c), m, n), dense)
 
 
-def _materialised_mixture(shapes, a, b, w, m, n):
-    return sum(w[i] * jnp.kron(a[i], b[i])[:m, :n] for i in range(len(shapes)))
-
-
-@pytest.mark.parametrize("lead", [(2 * kron_schedule.TOKEN_CHUNK + 7,), (19, 7)])
-def test_chunked_mixture_with_shared_splits_matches_materialised(lead):
-    # More tokens than one chunk, not a multiple of it: a flat token axis (chunks over it) and
-    # rows of a batch (chunks over runs of the last axis); groups that share an input split
-    # or an output split in both contraction orders, so every merged matmul path runs, plus a
-    # padded / truncated shape and a stacked group of two.
-    m, n = 60, 64
-    shapes = [((4, 8), (16, 8)), ((8, 8), (8, 8)), ((2, 8), (32, 8)),  # 0, 2: A-first, x as (8, 8)
-              ((16, 4), (4, 16)), ((16, 4), (4, 16)),  # B-first, one stacked group of two
-              ((8, 4), (8, 16)),    # B-first: x split of 3-4, output split of 1
-              ((4, 16), (16, 4)),   # A-first: output split of 0
-              ((5, 9), (13, 8))]    # padded input and output
-    plan = kron_schedule.make_plan([((1,) + s[0], (1,) + s[1]) for s in shapes])
-    assert len(plan.x_sides) < len(shapes) and len(plan.y_sides) < len(shapes)
-    assert set(plan.a_first) == {True, False}
-    rng = np.random.default_rng(4)
-    a = [jnp.asarray(rng.standard_normal(s[0]), jnp.float32) for s in shapes]
-    b = [jnp.asarray(rng.standard_normal(s[1]), jnp.float32) for s in shapes]
-    w = jnp.asarray(rng.random(len(shapes)), jnp.float32)
-    x = jnp.asarray(rng.standard_normal(lead + (n,)), jnp.float32)
-    y_t = jnp.asarray(rng.standard_normal(lead + (m,)), jnp.float32)
-
-    def grouped(a, b, w):
-        groups, weights = [], []
-        for i, s in enumerate(shapes):
-            if i == 4:  # component 4 repeats component 3's shape: one stacked group
-                continue
-            ids = [3, 4] if i == 3 else [i]
-            groups.append((jnp.stack([a[j] for j in ids]), jnp.stack([b[j] for j in ids])))
-            weights.append(w[jnp.asarray(ids)])
-        return groups, weights
-
-    def loss_factored(x, a, b, w):
-        groups, weights = grouped(a, b, w)
-        return jnp.sum((kron.kron_mixture_apply(x, groups, weights, m, n) - y_t) ** 2)
-
-    def loss_materialised(x, a, b, w):
-        return jnp.sum((x @ _materialised_mixture(shapes, a, b, w, m, n).T - y_t) ** 2)
-
-    groups, weights = grouped(a, b, w)
-    close(kron.kron_mixture_apply(x, groups, weights, m, n),
-          x @ _materialised_mixture(shapes, a, b, w, m, n).T)
-    gf = jax.jit(jax.grad(loss_factored, argnums=(0, 1, 2, 3)))(x, a, b, w)
-    gm = jax.grad(loss_materialised, argnums=(0, 1, 2, 3))(x, a, b, w)
-    for u, v in zip(jax.tree.leaves(gf), jax.tree.leaves(gm)):
-        close(u, v)
+# Both schedules over a flat token axis longer than a chunk, rows of a batch and one token,
+# every merged-matmul path: tests/test_kron_schedule.py.
 
 
 def test_plan_shares_matmuls_between_groups_with_equal_splits():
