@@ -2,7 +2,9 @@
 
 Variants, each the real jitted TrainStep (loss, grads of the trainable tree, AdamW update), in
 a fresh process of its own so that the device's peak memory is that variant's alone:
-  - moka: MoKA on q_proj, v_proj, the paper's 7B setting (r=10, planner shapes, ~80k per layer);
+  - moka_batched / moka_chunked: MoKA on q_proj, v_proj, the paper's 7B setting (r=10, planner
+    shapes, ~80k per layer), with each schedule of the factored apply (kron_schedule.py);
+    moka: the schedule the policy picks on this backend (kron.resolve_schedule);
   - lora_r16: LoRA r=16, alpha 32 on q_proj, v_proj;
   - frozen (opt-in): no adapter, a zero probe on the embeddings gives a full-depth backward.
 The base is laid out as `load_hf` lays out a real checkpoint: q/k/v/o and MLP in nf4, embeddings,
@@ -19,6 +21,8 @@ adapters' forward flops (forward, activation and weight gradients), over the dev
 datasheet dense bf16 peak (null on CPU or an unknown device). Last stdout line: one JSON object.
 
     python bench/gpu_bench.py [--batch 8] [--seq 512] [--steps 10] [--variants moka,lora_r16]
+    (default variants: moka_batched,lora_r16,moka_chunked; the JSON's moka_over_lora_* use the
+    schedule the policy picks, moka_chunked_over_batched_step_time compares the two)
     python bench/gpu_bench.py --tiny      # 2-layer model: the CPU smoke test
     python bench/gpu_bench.py --check     # correctness on the default device (GPU or CPU)
 """
@@ -41,15 +45,17 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from moka_jax import kron, nn, quant
+from moka_jax import kron, kron_schedule, nn, quant
 from moka_jax.adapters import LoRA, LoRAConfig, MoKA, MoKAConfig
 from moka_jax.models.llama import Llama, LlamaConfig
 from moka_jax.quant.nf4 import NF4_MIDPOINTS
 from moka_jax.quant.packing import pack_nibbles
-from moka_jax.train.step import TrainStep, split_model
+from moka_jax.train.step import TrainStep, one_example_rows, split_model
 from moka_jax.variables import FrozenWeight
 
-VARIANTS = ("moka", "lora_r16", "frozen")
+VARIANTS = ("moka", "moka_batched", "moka_chunked", "lora_r16", "frozen")
+# The chunked schedule last: on a GPU it is the slow one, so a timeout loses only it.
+DEFAULT_VARIANTS = "moka_batched,lora_r16,moka_chunked"
 # Datasheet dense bf16 FLOP/s by a substring of jax's device_kind, most specific first.
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H200", 989e12), ("H100", 989e12), ("A100", 312e12))
 
@@ -124,9 +130,15 @@ def build_base(config: LlamaConfig, dtype, *, block_size: int = 64, remat: bool 
     return model
 
 
+def moka_schedule(variant: str) -> str:
+    """The adapter.schedule of a moka* variant: moka -> auto, moka_<schedule> -> <schedule>."""
+    return variant.partition("_")[2] or "auto"
+
+
 def attach(model, variant: str, moka_r: int):
-    if variant == "moka":
-        nn.attach_adapters(model, MoKAConfig(r=moka_r), rngs=nnx.Rngs(1))
+    if variant.startswith("moka"):
+        nn.attach_adapters(model, MoKAConfig(r=moka_r, schedule=moka_schedule(variant)),
+                           rngs=nnx.Rngs(1))
     elif variant == "lora_r16":
         nn.attach_adapters(model, LoRAConfig(r=16, alpha=32), rngs=nnx.Rngs(1))
     elif variant == "frozen":
@@ -173,7 +185,7 @@ def memory_stat(device, key: str) -> int | None:
 
 def run_variant(args, variant: str) -> dict:
     if args.token_chunk:
-        kron.TOKEN_CHUNK = args.token_chunk  # read when the step is traced
+        kron_schedule.TOKEN_CHUNK = args.token_chunk  # read when the step is traced
     config = tiny_config() if args.tiny else llama2_7b_config()
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0]
@@ -192,8 +204,7 @@ def run_variant(args, variant: str) -> dict:
     step = TrainStep(graphdef, tx)
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, args.batch, args.seq),
                                             dtype=np.int32)
-    batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(ids),
-             "attention_mask": jnp.ones(ids.shape, jnp.int32)}
+    batch = one_example_rows(jnp.asarray(ids))  # every position scored, as before packing
     times = []
     for _ in tqdm(range(args.warmup + args.steps), desc=variant, leave=False):
         t = time.perf_counter()
@@ -212,6 +223,9 @@ def run_variant(args, variant: str) -> dict:
         "mfu": None if peak is None else flops_per_token * tokens / step_s / peak,
         "peak_bytes": memory_stat(device, "peak_bytes_in_use"), "model_bytes": model_bytes,
         "loss": float(metrics["loss"]), "compilations": step.compilations,
+        "schedule": (kron.resolve_schedule(moka_schedule(variant))
+                     if variant.startswith("moka") else None),
+        "policy_schedule": kron.resolve_schedule(),  # what "auto" picks on this backend
         "device_kind": device.device_kind, "peak_flops": peak,
         "versions": {m.__name__: m.__version__ for m in (jax, flax, optax)},
     }
@@ -223,7 +237,7 @@ def run_children(args, argv: list[str]) -> dict:
            "model": ("tiny 2-layer LLaMA" if args.tiny else "LLaMA-2-7B shapes")
            + ", random weights, nf4 base (q/k/v/o, MLP), dense embeddings / norms / lm_head",
            "batch": [args.batch, args.seq], "dtype": args.dtype, "remat": args.remat,
-           "moka_r": args.moka_r, "token_chunk": args.token_chunk or kron.TOKEN_CHUNK,
+           "moka_r": args.moka_r, "token_chunk": args.token_chunk or kron_schedule.TOKEN_CHUNK,
            "adapted": "q_proj, v_proj", "variants": {}}
     t0 = time.perf_counter()
     for variant in args.variants:
@@ -238,8 +252,15 @@ def run_children(args, argv: list[str]) -> dict:
         print(f"{variant}: {json.dumps(out)}", flush=True)
     v = {k: x for k, x in res["variants"].items() if "error" not in x}
     res["device_kind"] = next((x["device_kind"] for x in v.values()), None)
-    if "moka" in v and "lora_r16" in v:
-        moka, lora = v["moka"], v["lora_r16"]
+    # The device is the children's alone, so the policy's pick comes from what they report.
+    mokas = {x["schedule"]: x for k, x in v.items() if k.startswith("moka")}
+    picked = mokas.get(next((x["policy_schedule"] for x in v.values()), None))
+    res["schedule"] = picked["schedule"] if picked else None
+    if "chunked" in mokas and "batched" in mokas:
+        res["moka_chunked_over_batched_step_time"] = (mokas["chunked"]["step_seconds"]
+                                                      / mokas["batched"]["step_seconds"])
+    if picked and "lora_r16" in v:
+        moka, lora = picked, v["lora_r16"]
         res["moka_over_lora_step_time"] = moka["step_seconds"] / lora["step_seconds"]
         res["moka_over_lora_params"] = moka["trainable_params"] / lora["trainable_params"]
         res["moka_over_lora_peak_memory"] = (
@@ -250,15 +271,15 @@ def run_children(args, argv: list[str]) -> dict:
 
 
 def print_table(res: dict):
-    print(f"{'variant':<10} {'step s':>8} {'tok/s':>9} {'MFU':>6} {'peak GiB':>9} "
+    print(f"{'variant':<13} {'step s':>8} {'tok/s':>9} {'MFU':>6} {'peak GiB':>9} "
           f"{'compile s':>9} {'params':>10}")
     for name, x in res["variants"].items():
         if "error" in x:
-            print(f"{name:<10} {x['error']}")
+            print(f"{name:<13} {x['error']}")
             continue
         mfu = "-" if x["mfu"] is None else f"{x['mfu']:.3f}"
         peak = "-" if x["peak_bytes"] is None else f"{x['peak_bytes'] / 2**30:.2f}"
-        print(f"{name:<10} {x['step_seconds']:>8.4f} {x['tokens_per_s']:>9.0f} {mfu:>6} "
+        print(f"{name:<13} {x['step_seconds']:>8.4f} {x['tokens_per_s']:>9.0f} {mfu:>6} "
               f"{peak:>9} {x['compile_seconds']:>9.1f} {x['trainable_params']:>10,}")
 
 
@@ -270,7 +291,8 @@ def _rel(a, b) -> float:
 
 
 def check_kron(rng) -> dict:
-    """kron_apply and its hand-written backward against numpy / the materialised product."""
+    """kron_apply on both schedules, values and gradients, against numpy / the materialised
+    product (f32, highest precision)."""
     a = rng.standard_normal((8, 16)).astype(np.float32)
     b = rng.standard_normal((15, 7)).astype(np.float32)
     m, n = 117, 100  # padded on both sides; 3 rows x 40 tokens take the chunked loop
@@ -281,13 +303,36 @@ def check_kron(rng) -> dict:
     def loss(fn):
         return jax.jit(jax.grad(lambda x, a, b: jnp.vdot(fn(x, a, b), cot), argnums=(0, 1, 2)))
 
+    errs = {}
     with jax.default_matmul_precision("highest"):
-        y = kron.kron_apply(jnp.asarray(x), jnp.asarray(a), jnp.asarray(b), m, n)
-        got = loss(lambda x, a, b: kron.kron_apply(x, a, b, m, n))(x, a, b)
         want = loss(lambda x, a, b: x @ kron.kron_materialize(a, b, m, n).T)(x, a, b)
-    errs = {"forward": _rel(y, ref), **{f"grad_{k}": _rel(g, w)
-                                        for k, g, w in zip("xab", got, want)}}
+        for schedule in ("chunked", "batched"):
+            apply = partial(kron.kron_apply, m=m, n=n, schedule=schedule)
+            errs[f"{schedule}_forward"] = _rel(apply(jnp.asarray(x), a, b), ref)
+            got = loss(apply)(x, a, b)
+            errs.update({f"{schedule}_grad_{k}": _rel(g, w) for k, g, w in zip("xab", got, want)})
     return {"name": "kron_apply", "passed": max(errs.values()) < 1e-4, "rel_err": errs}
+
+
+def check_moka_bf16(rng) -> dict:
+    """A 576x576 MoKA (planner r=10) in bf16 on the device, both schedules: its delta's error
+    against float64 at most 1.5x that of a dense bf16 matmul by the same dW (f32 accumulation)."""
+    base = nn.Linear(576, 576, rngs=nnx.Rngs(0))
+    moka = MoKAConfig(r=10).build(base, "moka", nnx.Rngs(1))
+    for b in moka.b:  # B = 0 at init
+        b.set_value(jnp.asarray(0.05 * rng.standard_normal(b.shape), jnp.float32))
+    x = jnp.asarray(rng.standard_normal((256, 576)), jnp.bfloat16)
+    with jax.default_matmul_precision("highest"):
+        dw = np.asarray(moka.delta_weight(), np.float64)
+    ref = np.asarray(x, np.float64) @ dw.T
+    dense = jnp.matmul(x, jnp.asarray(dw.T, jnp.bfloat16), preferred_element_type=jnp.float32)
+    dense_err = _rel(dense.astype(jnp.bfloat16), ref)
+    over = {}
+    for schedule in ("chunked", "batched"):
+        moka.schedule = schedule
+        over[schedule] = _rel(jax.jit(moka.delta)(x), ref) / dense_err
+    return {"name": "moka_bf16", "passed": max(over.values()) <= 1.5, "dense_rel_err": dense_err,
+            "error_over_dense": over}
 
 
 def check_nf4(rng) -> dict:
@@ -317,7 +362,7 @@ def check_train(dtype) -> dict:
     tx = optax.adamw(1e-2)
     opt_state, step = tx.init(params), TrainStep(graphdef, tx)
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 512, (1, 4, 32), dtype=np.int32))
-    batch = {"input_ids": ids, "labels": ids, "attention_mask": jnp.ones_like(ids)}
+    batch = one_example_rows(ids)
     losses = []
     for _ in range(20):
         params, opt_state, metrics = step(params, opt_state, frozen, batch)
@@ -330,7 +375,8 @@ def check_train(dtype) -> dict:
 
 def run_checks(args) -> dict:
     rng = np.random.default_rng(0)
-    checks = [check_kron(rng), check_nf4(rng), check_train(jnp.dtype(args.dtype))]
+    checks = [check_kron(rng), check_moka_bf16(rng), check_nf4(rng),
+              check_train(jnp.dtype(args.dtype))]
     backend = jax.default_backend()
     if args.expect_backend:
         checks.append({"name": "backend", "passed": backend == args.expect_backend,
@@ -347,11 +393,11 @@ def main():
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps, the first compiles")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    ap.add_argument("--variants", default="moka,lora_r16", help=f"comma list of {VARIANTS}")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma list of {VARIANTS}")
     ap.add_argument("--moka-r", type=int, default=10)
     ap.add_argument("--token-chunk", type=int,
-                    help=f"tokens per step of MoKA's chunked apply (default kron.TOKEN_CHUNK, "
-                         f"{kron.TOKEN_CHUNK}, tuned on a CPU)")
+                    help=f"tokens per step of MoKA's chunked schedule (default "
+                         f"kron_schedule.TOKEN_CHUNK, {kron_schedule.TOKEN_CHUNK}, tuned on a CPU)")
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--remat", action="store_true", help="rematerialise each decoder layer")
     ap.add_argument("--check", action="store_true", help="correctness checks, then exit")

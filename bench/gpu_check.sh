@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The one script for a lent GPU machine: environment, correctness checks on the GPU, then
-# bench/gpu_bench.py (LLaMA-2-7B shapes, nf4, MoKA vs LoRA r=16); under 8 minutes in all.
+# The one script for a lent GPU machine: environment, correctness checks on the GPU (both
+# schedules of the Kronecker apply, MoKA's bf16 error, nf4, a train step), then
+# bench/gpu_bench.py (LLaMA-2-7B shapes, nf4, MoKA with the batched and the chunked schedule vs
+# LoRA r=16; the chunked variant runs last, so a timeout loses only it); under 8 minutes in all.
 #
 #   bash bench/gpu_check.sh [gpu_bench.py options]     # from the repo root
 #   GPU_CHECK_TINY=1 bash bench/gpu_check.sh           # CPU smoke test: --tiny, no nvidia-smi

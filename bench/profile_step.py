@@ -51,7 +51,7 @@ def jax_parts(variant: str, layers: int, B: int, T: int, repeats: int) -> dict:
     from moka_jax import nn, quant
     from moka_jax.adapters import LoRAConfig, MoKAConfig
     from moka_jax.models.llama import Llama, attend, attention_mask
-    from moka_jax.train.step import TrainStep, split_model, token_loss_sums
+    from moka_jax.train.step import TrainStep, one_example_rows, split_model, token_loss_sums
     from timing import median_seconds as median_time
     from train_step import smollm2_config
 
@@ -131,11 +131,7 @@ def jax_parts(variant: str, layers: int, B: int, T: int, repeats: int) -> dict:
     parts["optimizer"] = median_time(jax.jit(lambda g, o, p: tx.update(g, o, p)),
                                      (grads, opt, params), repeats)
 
-    seg = jnp.ones((1, B, T), jnp.int32)
-    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (1, B, T))
-    batch = {"input_ids": ids[None], "segment_ids": seg, "positions": pos,
-             "loss_pos": jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (1, B, C)),
-             "loss_tgt": tgt[None, :, :C]}
+    batch = one_example_rows(ids[None], C)
 
     class FullLogitsStep(TrainStep):
         def _loss_sums(self, params, frozen, batch):

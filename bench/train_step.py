@@ -31,7 +31,7 @@ from tqdm import tqdm
 from moka_jax import nn
 from moka_jax.adapters import LoRAConfig, MoKAConfig
 from moka_jax.models.llama import Llama, LlamaConfig
-from moka_jax.train.step import TrainStep, split_model
+from moka_jax.train.step import TrainStep, one_example_rows, split_model
 from moka_jax.variables import AdapterParam
 
 
@@ -100,11 +100,7 @@ def main():
     ids = rng.integers(0, 49152, (1, args.batch, args.seq), dtype=np.int32)
     # One example per row, --labelled scored positions per row (the real data has 5-6 labelled
     # tokens an example, so the trainer's head runs on about that many hidden states).
-    T, C = args.seq, args.labelled
-    batch = {"input_ids": jnp.asarray(ids), "segment_ids": jnp.ones_like(jnp.asarray(ids)),
-             "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), ids.shape),
-             "loss_pos": jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (1, args.batch, C)),
-             "loss_tgt": jnp.asarray(ids[:, :, 1:C + 1])}
+    batch = one_example_rows(jnp.asarray(ids), args.labelled)
     res = {"bench": "train_step", "model": "SmolLM2-135M shapes, random weights, nf4 base",
            "layers": args.layers, "batch": [args.batch, args.seq], "backend": jax.default_backend(),
            "cpu_count": os.cpu_count(), "adapted": "q_proj, v_proj", "variants": {}}

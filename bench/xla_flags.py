@@ -35,7 +35,7 @@ def child(steps: int, layers: int, rows: int, seq: int, labelled: int, dtype: st
     import numpy as np
     import optax
 
-    from moka_jax.train.step import TrainStep, split_model
+    from moka_jax.train.step import TrainStep, one_example_rows, split_model
     from train_step import build
 
     from timing import median_seconds
@@ -54,10 +54,7 @@ def child(steps: int, layers: int, rows: int, seq: int, labelled: int, dtype: st
     state = {"p": params, "o": tx.init(params)}
     step = TrainStep(graphdef, tx)
     ids = jnp.asarray(rng.integers(0, 49152, (1, rows, seq)), jnp.int32)
-    batch = {"input_ids": ids, "segment_ids": jnp.ones_like(ids),
-             "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), ids.shape),
-             "loss_pos": jnp.broadcast_to(jnp.arange(labelled, dtype=jnp.int32), (1, rows, labelled)),
-             "loss_tgt": ids[:, :, 1:labelled + 1]}
+    batch = one_example_rows(ids, labelled)
 
     def run(b):
         state["p"], state["o"], m = step(state["p"], state["o"], frozen, b)

@@ -380,6 +380,11 @@ def _build_adapter(d, sources):
             _unknown_key(sources, "adapter", k, names + ["kind", "targets"])
     hints = typing.get_type_hints(cls)
     options = {k: _convert(hints[k], v, f"adapter.{k}", sources) for k, v in d.items()}
+    for f in dataclasses.fields(cls):
+        choices = f.metadata.get("choices")
+        if choices and f.name in options and options[f.name] not in choices:
+            _error(sources, f"adapter.{f.name}",
+                   f"adapter.{f.name} = {options[f.name]!r}, expected one of {list(choices)}")
     try:
         config = adapter_config_from_dict({"kind": kind, **options})
     except (ValueError, TypeError) as e:

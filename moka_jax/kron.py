@@ -5,293 +5,129 @@ B: (mb, nb) covers (m, n) when ma*mb >= m and na*nb >= n; the effective weight i
 kron(A, B)[:m, :n]. Row-major reshape gives, for a zero-padded input x of length na*nb,
 
     x @ kron(A, B).T == einsum('ij,...jl,kl->...ik', A, x.reshape(na, nb), B).reshape(ma*mb)
+
+Dtypes, the same for every apply here, on every path and schedule (the empty batch included):
+x's dtype is the compute dtype. Factors and weights of any float dtype are combined in f32 and
+cast to it once; every contraction accumulates in f32 (wider if x is f64) and the sum of
+components stays in f32; the result is cast once, to x.dtype, or to `preferred_element_type`
+when given (as jnp.matmul's). Gradients come back in each input's own dtype.
+
+Schedules of the Kronecker mixture (kron_schedule.py), picked by resolve_schedule:
+"chunked" (tokens in chunks, hand-written backward, reverse-mode AD only; measured on CPU),
+"batched" (one einsum over all tokens, plain JAX: forward-mode AD too), "auto" (the default:
+chunked on CPU, batched on GPU / TPU).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax import lax
+from einops import rearrange
 
-Shape2 = tuple[int, int]
+from moka_jax import kron_schedule
+from moka_jax.kron_schedule import accumulation_dtype, kron_flops, pad_last
 
-# Tokens per step of the mixture apply. A chunk's intermediates stay in the L2 cache, and XLA
-# allocates only chunk-sized temporaries: on CPU every fresh multi-MB buffer costs page faults
-# on each call. On 4096x4096 and 4096->1024 (bench/adapter_ops.py) chunks of 64..256 tokens
-# were equally fast; one chunk of 2048 was 10-25% slower.
-TOKEN_CHUNK = 64
+SCHEDULES = ("auto", "chunked", "batched")
 
-
-def pad_last(x, size: int):
-    """Zero-pad the last axis of x up to `size` (no-op when already that size)."""
-    extra = size - x.shape[-1]
-    if extra == 0:
-        return x
-    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
+__all__ = ["SCHEDULES", "accumulation_dtype", "blockdiag_apply", "blockdiag_materialize",
+           "check_schedule", "kron_apply", "kron_flops", "kron_materialize",
+           "kron_mixture_apply", "pad_last", "resolve_schedule"]
 
 
-def kron_flops(a_shape: Shape2, b_shape: Shape2) -> tuple[int, int]:
-    """Per-token flops of the two contraction orders: (B first, A first)."""
-    (ma, na), (mb, nb) = a_shape, b_shape
-    return 2 * mb * na * (nb + ma), 2 * ma * nb * (na + mb)
+def check_schedule(schedule: str) -> str:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule = {schedule!r}, expected one of {list(SCHEDULES)}")
+    return schedule
 
 
-def kron_apply(x, a, b, m: int, n: int):
+def resolve_schedule(schedule: str = "auto", backend: str | None = None) -> str:
+    """'chunked' or 'batched'. 'auto': chunked on the CPU, where it was measured (chunks keep
+    temporaries in cache); batched elsewhere, where one contraction over all tokens fills the
+    device instead of a loop of small sequential matmuls. backend: jax.default_backend()."""
+    if check_schedule(schedule) != "auto":
+        return schedule
+    return "chunked" if (backend or jax.default_backend()) == "cpu" else "batched"
+
+
+def kron_apply(x, a, b, m: int, n: int, *, schedule: str = "auto",
+               preferred_element_type=None):
     """y = x @ kron(a, b)[:m, :n].T for x of shape (..., n), without forming the product."""
-    return kron_mixture_apply(x, [(a[None], b[None])], [jnp.ones((1,), a.dtype)], m, n)
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    if a.ndim != 2 or b.ndim != 2:
+        raise ValueError(f"kron_apply: a and b must be matrices, got shapes {a.shape}, {b.shape}")
+    return kron_mixture_apply(x, [(a[None], b[None])], [jnp.ones((1,), jnp.float32)], m, n,
+                              schedule=schedule, preferred_element_type=preferred_element_type)
 
 
-def kron_mixture_apply(x, groups: Sequence[tuple], weights: Sequence, m: int, n: int):
+def kron_mixture_apply(x, groups: Sequence[tuple], weights: Sequence, m: int, n: int, *,
+                       schedule: str = "auto", preferred_element_type=None):
     """y = x @ (sum_g sum_c w[g][c] * kron(A[g][c], B[g][c]))[:m, :n].T.
 
     groups: per group of equal-shaped components, stacked factors (A_CIJ, B_CKL) with
-    A_CIJ: (c, ma, na), B_CKL: (c, mb, nb). weights: per group a (c,) vector.
+    A_CIJ: (c, ma, na), B_CKL: (c, mb, nb). weights: per group a (c,) vector. Dtypes: see the
+    module docstring. schedule: "auto" | "chunked" | "batched" (resolve_schedule); both give
+    the same values and gradients. Forward-mode AD (jax.jvp, jacfwd, hessian) needs "batched":
+    the chunked schedule's custom_vjp makes JAX raise "can't apply forward-mode autodiff".
 
-    Each component is contracted in its cheaper order (kron_flops). Groups that split the
-    input the same way, (na, nb), share one matmul on the input; groups that split the output
-    the same way, (ma, mb), share one matmul that also sums them. Tokens go through in chunks
-    of about TOKEN_CHUNK with a hand-written backward, so no x-sized intermediate is stored.
-    For x of shape (..., S, n) a chunk takes a run of the S axis from every row, so a mesh
-    that shards the leading (batch) axes keeps each device on its own rows.
+    Each component is contracted in its cheaper order (kron_flops). In the chunked schedule,
+    groups that split the input the same way, (na, nb), share one matmul on the input; groups
+    that split the output the same way, (ma, mb), share one matmul that also sums them. Tokens
+    go through in chunks of about TOKEN_CHUNK with a hand-written backward, so no x-sized
+    intermediate is stored. For x of shape (..., S, n) a chunk takes a run of the S axis from
+    every row, so a mesh that shards the leading (batch) axes keeps each device on its own rows.
     """
+    x = jnp.asarray(x)
+    _check_mixture(x, groups, weights, m, n)
+    schedule = resolve_schedule(schedule)
+    out_dtype = jnp.dtype(preferred_element_type or x.dtype)
+    factors = []
+    for (a, b), w in zip(groups, weights):
+        fold = accumulation_dtype(jnp.result_type(a, w))
+        factors.append((a.astype(fold) * jnp.asarray(w).astype(fold)[:, None, None], b))
+    factors = tuple(factors)
+    plan = kron_schedule.make_plan(tuple((a.shape, b.shape) for a, b in factors))
     lead = x.shape[:-1]
-    factors = tuple((a * w[:, None, None].astype(a.dtype), b)
-                    for (a, b), w in zip(groups, weights))
-    plan = _make_plan(tuple((a.shape, b.shape) for a, b in factors))
     if math.prod(lead) == 0:
-        return jnp.zeros((*lead, m), x.dtype)
+        return jnp.zeros((*lead, m), out_dtype)
+    if schedule == "batched":
+        return kron_schedule.batched(x, factors, plan, m, out_dtype)
     x_RSN = x.reshape(-1, lead[-1] if lead else 1, n)
-    return _mixture(x_RSN, factors, plan, m, n).reshape(*lead, m)
+    return kron_schedule.chunked(x_RSN, factors, plan, m, n, out_dtype).reshape(*lead, m)
 
 
-# ---- plan: contraction order per group, and which groups share a matmul -------------------
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    a_first: tuple[bool, ...]               # per group: contract A (over na) first
-    x_sides: tuple[tuple[int, ...], ...]    # groups sharing (order, na, nb): one input matmul
-    y_sides: tuple[tuple[int, ...], ...]    # groups sharing (order, ma, mb): one output matmul
+def _check_float(x, where: str):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{where}: x must be a floating-point array (its dtype is the compute "
+                        f"dtype), got {x.dtype}")
 
 
-def _make_plan(shapes) -> _Plan:
-    a_first, x_sides, y_sides = [], {}, {}
-    for g, ((_, ma, na), (_, mb, nb)) in enumerate(shapes):
-        b_cost, a_cost = kron_flops((ma, na), (mb, nb))
-        a_first.append(a_cost < b_cost)
-        x_sides.setdefault((a_first[-1], na, nb), []).append(g)
-        y_sides.setdefault((a_first[-1], ma, mb), []).append(g)
-    return _Plan(tuple(a_first), tuple(map(tuple, x_sides.values())),
-                 tuple(map(tuple, y_sides.values())))
+def _check_input(x, n: int, where: str):
+    _check_float(x, where)
+    if x.ndim == 0 or x.shape[-1] != n:
+        raise ValueError(f"{where}: x has shape {x.shape}; its last axis must be n = {n}")
 
 
-def _dims(factors, g):
-    (c, ma, na), (_, mb, nb) = factors[g][0].shape, factors[g][1].shape
-    return c, ma, na, mb, nb
-
-
-def _concat(arrays, axis):
-    return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, axis)
-
-
-# Layouts, per chunk of t tokens (R = t * something, "rows" of a 2-D matmul):
-#   input side   B-first: x as (t*na, nb) @ B_cat.T -> (t, j, [c, k])
-#                A-first: x as (t*nb, na) (x transposed per token) @ A_cat.T -> (t, l, [c, i])
-#   mid operand  B-first: (t*mb, c*na), columns (c, j);  A-first: (t*ma, c*nb), columns (c, l)
-#   output side  B-first: mid @ A rows (c, j) -> (t, k, i), transposed per token to (t, i, k)
-#                A-first: mid @ B rows (c, l) -> (t, i, k)
-# Only these per-token transposes move data; the rest are free reshapes.
-
-def _x_operand(x_TN, factors, plan, ids):
-    c, ma, na, mb, nb = _dims(factors, ids[0])
-    x_Tjl = pad_last(x_TN, na * nb).reshape(-1, na, nb)
-    if plan.a_first[ids[0]]:
-        return x_Tjl.transpose(0, 2, 1).reshape(-1, na)
-    return x_Tjl.reshape(-1, nb)
-
-
-def _x_weight(factors, plan, ids):
-    """(sum K, nb) of stacked B rows (c, k) for B-first, (sum K, na) of A rows (c, i) for A-first."""
-    f = 0 if plan.a_first[ids[0]] else 1
-    return _concat([factors[g][f].reshape(-1, factors[g][f].shape[2]) for g in ids], 0)
-
-
-def _y_weight(factors, plan, ids):
-    """(sum K, mb) of B.T rows (c, l) for A-first, (sum K, ma) of A.T rows (c, j) for B-first."""
-    f = 1 if plan.a_first[ids[0]] else 0
-    return _concat([factors[g][f].transpose(0, 2, 1).reshape(-1, factors[g][f].shape[1])
-                    for g in ids], 0)
-
-
-def _mid_operands(x_TN, factors, plan, x_sides):
-    """Input-side matmuls: per group its mid operand (see the layout table above)."""
-    t = x_TN.shape[0]
-    mids = {}
-    for ids in x_sides:
-        out = _x_operand(x_TN, factors, plan, ids) @ _x_weight(factors, plan, ids).T
-        off = 0
-        for g in ids:
-            c, ma, na, mb, nb = _dims(factors, g)
-            rows, width = (nb, ma) if plan.a_first[g] else (na, mb)
-            part = out[:, off:off + c * width].reshape(t, rows, c, width)
-            mids[g] = part.transpose(0, 3, 2, 1).reshape(t * width, c * rows)
-            off += c * width
-    return mids
-
-
-def _forward_chunk(x_TN, factors, plan, m):
-    t = x_TN.shape[0]
-    mids = _mid_operands(x_TN, factors, plan, plan.x_sides)
-    y_TM = None
-    for ids in plan.y_sides:
-        c, ma, na, mb, nb = _dims(factors, ids[0])
-        out = _concat([mids[g] for g in ids], 1) @ _y_weight(factors, plan, ids)
-        if not plan.a_first[ids[0]]:
-            out = out.reshape(t, mb, ma).transpose(0, 2, 1)
-        part = out.reshape(t, ma * mb)[:, :m]
-        y_TM = part if y_TM is None else y_TM + part
-    return y_TM
-
-
-def _backward_chunk(x_TN, dy_TM, factors, plan, n):
-    """(dx, [(dA, dB)] in f32) of one chunk; the mid operands are recomputed, not stored."""
-    t = x_TN.shape[0]
-    mids = _mid_operands(x_TN, factors, plan, plan.x_sides)
-    grads = [[None, None] for _ in factors]
-    d_mids = {}
-    for ids in plan.y_sides:
-        c, ma, na, mb, nb = _dims(factors, ids[0])
-        dy = pad_last(dy_TM, ma * mb)
-        if plan.a_first[ids[0]]:
-            dy = dy.reshape(t * ma, mb)
-        else:
-            dy = dy.reshape(t, ma, mb).transpose(0, 2, 1).reshape(t * mb, ma)
-        d_mid = dy @ _y_weight(factors, plan, ids).T
-        d_weight = (_concat([mids[g] for g in ids], 1).T @ dy).astype(jnp.float32)
-        off = 0
-        for g in ids:
-            cg, mag, nag, mbg, nbg = _dims(factors, g)
-            if plan.a_first[g]:    # rows (c, l), columns k -> dB (c, k, l)
-                k, f, shape = cg * nbg, 1, (cg, nbg, mbg)
-            else:                  # rows (c, j), columns i -> dA (c, i, j)
-                k, f, shape = cg * nag, 0, (cg, nag, mag)
-            grads[g][f] = d_weight[off:off + k].reshape(shape).transpose(0, 2, 1)
-            d_mids[g] = d_mid[:, off:off + k]
-            off += k
-    dx_TN = None
-    for ids in plan.x_sides:
-        c, ma, na, mb, nb = _dims(factors, ids[0])
-        parts = []
-        for g in ids:
-            cg, mag, nag, mbg, nbg = _dims(factors, g)
-            rows, width = (nbg, mag) if plan.a_first[g] else (nag, mbg)
-            part = d_mids[g].reshape(t, width, cg, rows).transpose(0, 3, 2, 1)
-            parts.append(part.reshape(t * rows, cg * width))
-        d_out = _concat(parts, 1)
-        x_op = _x_operand(x_TN, factors, plan, ids)
-        d_x = d_out @ _x_weight(factors, plan, ids)
-        d_weight = (d_out.T @ x_op).astype(jnp.float32)
-        off = 0
-        for g in ids:
-            cg, mag, nag, mbg, nbg = _dims(factors, g)
-            k, f = (cg * mag, 0) if plan.a_first[g] else (cg * mbg, 1)
-            grads[g][f] = d_weight[off:off + k].reshape(factors[g][f].shape)
-            off += k
-        if plan.a_first[ids[0]]:
-            d_x = d_x.reshape(t, nb, na).transpose(0, 2, 1)
-        part = d_x.reshape(t, na * nb)[:, :n]
-        dx_TN = part if dx_TN is None else dx_TN + part
-    return dx_TN, [tuple(g) for g in grads]
-
-
-# ---- chunked driver with a hand-written backward ------------------------------------------
-
-def _run_length(rows: int, length: int) -> int:
-    """Tokens taken from each row per chunk: about TOKEN_CHUNK tokens in all."""
-    return max(1, min(length, TOKEN_CHUNK // rows))
-
-
-def _chunks(x_RSN, run: int):
-    """((R, K, run, N), K): the S axis zero-padded to K runs of `run` tokens."""
-    rows, length, width = x_RSN.shape
-    k = -(-length // run)
-    x_RSN = jnp.pad(x_RSN, ((0, 0), (0, k * run - length), (0, 0)))
-    return x_RSN.reshape(rows, k, run, width), k
-
-
-# Chunks are taken inside the loop (dynamic slices of the S axis) when there are several
-# rows: slicing a leading token axis made XLA all-gather x and dy under a data-parallel
-# mesh and run every device's chunks on every device. One row (a flat token axis, as in
-# bench/adapter_ops.py) goes through lax.map / lax.scan over a leading chunk axis, which
-# ran 10-20% faster on one CPU than the same loop with in-loop slices.
-
-def _flat(x_RCN):
-    return x_RCN.reshape(-1, x_RCN.shape[-1])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _mixture(x_RSN, factors, plan: _Plan, m: int, n: int):
-    rows, length, _ = x_RSN.shape
-    run = _run_length(rows, length)
-    if run == length:
-        return _forward_chunk(_flat(x_RSN), factors, plan, m).reshape(rows, length, m)
-    x_RKCN, k = _chunks(x_RSN, run)
-    if rows == 1:
-        y_KCM = lax.map(lambda x_CN: _forward_chunk(x_CN, factors, plan, m), x_RKCN[0])
-        return y_KCM.reshape(1, -1, m)[:, :length]
-
-    def step(i, y_RKCM):
-        x_RCN = lax.dynamic_index_in_dim(x_RKCN, i, 1, False)
-        y_RCM = _forward_chunk(_flat(x_RCN), factors, plan, m).reshape(rows, run, m)
-        return lax.dynamic_update_index_in_dim(y_RKCM, y_RCM, i, 1)
-
-    y_RKCM = lax.fori_loop(0, k, step, jnp.zeros((rows, k, run, m), x_RSN.dtype))
-    return y_RKCM.reshape(rows, -1, m)[:, :length]
-
-
-def _mixture_fwd(x_RSN, factors, plan, m, n):
-    return _mixture(x_RSN, factors, plan, m, n), (x_RSN, factors)
-
-
-def _mixture_bwd(plan, m, n, saved, dy_RSM):
-    x_RSN, factors = saved
-    rows, length, _ = x_RSN.shape
-    run = _run_length(rows, length)
-    zeros = [tuple(jnp.zeros(f.shape, jnp.float32) for f in pair) for pair in factors]
-    add = functools.partial(jax.tree.map, jnp.add)
-    if run == length:
-        dx_TN, grads = _backward_chunk(_flat(x_RSN), _flat(dy_RSM), factors, plan, n)
-        dx_RSN = dx_TN.reshape(x_RSN.shape)
-    elif rows == 1:
-        def step(acc, chunk):
-            dx_CN, g = _backward_chunk(*chunk, factors, plan, n)
-            return add(acc, g), dx_CN
-        chunks = (_chunks(x_RSN, run)[0][0], _chunks(dy_RSM, run)[0][0])
-        grads, dx_KCN = lax.scan(step, zeros, chunks)
-        dx_RSN = dx_KCN.reshape(1, -1, n)[:, :length]
-    else:
-        (x_RKCN, k), (dy_RKCM, _) = _chunks(x_RSN, run), _chunks(dy_RSM, run)
-
-        def step(i, carry):
-            acc, dx_RKCN = carry
-            x_RCN = lax.dynamic_index_in_dim(x_RKCN, i, 1, False)
-            dy_RCM = lax.dynamic_index_in_dim(dy_RKCM, i, 1, False)
-            dx_CN, g = _backward_chunk(_flat(x_RCN), _flat(dy_RCM), factors, plan, n)
-            dx_RCN = dx_CN.reshape(rows, run, n).astype(dx_RKCN.dtype)
-            return add(acc, g), lax.dynamic_update_index_in_dim(dx_RKCN, dx_RCN, i, 1)
-
-        grads, dx_RKCN = lax.fori_loop(0, k, step, (zeros, jnp.zeros_like(x_RKCN)))
-        dx_RSN = dx_RKCN.reshape(rows, -1, n)[:, :length]
-    grads = tuple(tuple(g.astype(f.dtype) for g, f in zip(gp, fp))
-                  for gp, fp in zip(grads, factors))
-    return dx_RSN.astype(x_RSN.dtype), grads
-
-
-_mixture.defvjp(_mixture_fwd, _mixture_bwd)
+def _check_mixture(x, groups, weights, m: int, n: int):
+    where = "kron_mixture_apply"
+    _check_input(x, n, where)
+    if len(groups) == 0 or len(groups) != len(weights):
+        raise ValueError(f"{where}: got {len(groups)} factor groups and {len(weights)} weight "
+                         f"vectors; pass one (c,) weight vector per group, at least one group")
+    for g, ((a, b), w) in enumerate(zip(groups, weights)):
+        a_shape, b_shape, w_shape = jnp.shape(a), jnp.shape(b), jnp.shape(w)
+        stacked = len(a_shape) == len(b_shape) == 3 and len(w_shape) == 1
+        if not (stacked and a_shape[0] == b_shape[0] == w_shape[0]):
+            raise ValueError(f"{where}: group {g} has A {a_shape}, B {b_shape}, weights "
+                             f"{w_shape}; expected A (c, ma, na), B (c, mb, nb), weights (c,)")
+        (_, ma, na), (_, mb, nb) = a_shape, b_shape
+        if ma * mb < m or na * nb < n:
+            raise ValueError(
+                f"{where}: group {g}'s factors A ({ma}, {na}) and B ({mb}, {nb}) give a "
+                f"({ma * mb}, {na * nb}) product, which does not cover the (m, n) = ({m}, {n}) "
+                f"weight: need ma*mb >= m and na*nb >= n")
 
 
 def kron_materialize(a, b, m: int, n: int):
@@ -299,14 +135,22 @@ def kron_materialize(a, b, m: int, n: int):
     return jnp.kron(a, b)[:m, :n]
 
 
-def blockdiag_apply(x, c, m: int, n: int):
-    """y = x @ kron(I_k, c)[:m, :n].T with c: (q, p), k = ceil(n / p)."""
+def blockdiag_apply(x, c, m: int, n: int, *, preferred_element_type=None):
+    """y = x @ kron(I_k, c)[:m, :n].T with c: (q, p), k = ceil(n / p). Dtypes: as kron_apply."""
+    x, c = jnp.asarray(x), jnp.asarray(c)
+    _check_input(x, n, "blockdiag_apply")
+    if c.ndim != 2:
+        raise ValueError(f"blockdiag_apply: c must be a (q, p) matrix, got shape {c.shape}")
     q, p = c.shape
     k = math.ceil(n / p)
-    lead = x.shape[:-1]
-    x_tkp = pad_last(x, k * p).reshape(*lead, k, p)
-    y_tkq = jnp.einsum("...kp,qp->...kq", x_tkp, c)
-    return y_tkq.reshape(*lead, k * q)[..., :m]
+    if k * q < m:
+        raise ValueError(f"blockdiag_apply: {k} blocks of c ({q}, {p}) give {k * q} output rows, "
+                         f"fewer than m = {m}; c needs q >= ceil(m / k) = {math.ceil(m / k)}")
+    x_kp = rearrange(pad_last(x, k * p), "... (k p) -> ... k p", p=p)
+    y_kq = jnp.einsum("...kp,qp->...kq", x_kp, c.astype(x.dtype),
+                      preferred_element_type=accumulation_dtype(x.dtype))
+    y = rearrange(y_kq, "... k q -> ... (k q)")[..., :m]
+    return y.astype(preferred_element_type or x.dtype)
 
 
 def blockdiag_materialize(c, m: int, n: int):

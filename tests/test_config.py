@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from flax import nnx
 
-from moka_jax import config as C
+from moka_jax import config as C, nn
 from moka_jax.adapters import DoRAConfig, LoRAConfig, MoKAConfig, MoKAsConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,6 +191,16 @@ def test_adapter_errors():
     assert "did you mean 'lora'?" in error(C.config_from_dict, minimal(adapter={"kind": "lorra"}))
     msg = error(C.config_from_dict, minimal(adapter={"r": "ten"}))
     assert "adapter.r = 'ten' (str), expected int" in msg
+    msg = error(C.config_from_dict, minimal(adapter={"schedule": "fast"}))
+    assert "adapter.schedule = 'fast', expected one of ['auto', 'chunked', 'batched']" in msg
+
+
+def test_adapter_schedule_reaches_the_layers():
+    cfg = C.config_from_dict(minimal(adapter={"kind": "moka", "schedule": "batched"}))
+    assert cfg.adapter.config.schedule == "batched" and cfg.to_dict()["adapter"]["schedule"] == "batched"
+    assert C.config_from_dict(minimal()).adapter.config.schedule == "auto"
+    base = nn.Linear(8, 8, rngs=nnx.Rngs(0))
+    assert cfg.adapter.config.build(base, "q_proj", nnx.Rngs(1)).schedule == "batched"
 
 
 def test_wrong_type_names_key_value_and_type(tmp_path):

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moka_jax import kron
+from moka_jax import kron, kron_schedule
 from moka_jax.torch_ref import TorchMoKA
 
 RTOL = 1e-5  # f32 relative tolerance for values and gradients
@@ -135,61 +135,13 @@ def test_blockdiag_apply_equals_numpy(m, n, p, seed):
     close(kron.blockdiag_materialize(jnp.asarray(c), m, n), dense)
 
 
-def _materialised_mixture(shapes, a, b, w, m, n):
-    return sum(w[i] * jnp.kron(a[i], b[i])[:m, :n] for i in range(len(shapes)))
-
-
-@pytest.mark.parametrize("lead", [(2 * kron.TOKEN_CHUNK + 7,), (19, 7)])
-def test_chunked_mixture_with_shared_splits_matches_materialised(lead):
-    # More tokens than one chunk, not a multiple of it: a flat token axis (chunks over it) and
-    # rows of a batch (chunks over runs of the last axis); groups that share an input split
-    # or an output split in both contraction orders, so every merged matmul path runs, plus a
-    # padded / truncated shape and a stacked group of two.
-    m, n = 60, 64
-    shapes = [((4, 8), (16, 8)), ((8, 8), (8, 8)), ((2, 8), (32, 8)),  # 0, 2: A-first, x as (8, 8)
-              ((16, 4), (4, 16)), ((16, 4), (4, 16)),  # B-first, one stacked group of two
-              ((8, 4), (8, 16)),    # B-first: x split of 3-4, output split of 1
-              ((4, 16), (16, 4)),   # A-first: output split of 0
-              ((5, 9), (13, 8))]    # padded input and output
-    plan = kron._make_plan([((1,) + s[0], (1,) + s[1]) for s in shapes])
-    assert len(plan.x_sides) < len(shapes) and len(plan.y_sides) < len(shapes)
-    assert set(plan.a_first) == {True, False}
-    rng = np.random.default_rng(4)
-    a = [jnp.asarray(rng.standard_normal(s[0]), jnp.float32) for s in shapes]
-    b = [jnp.asarray(rng.standard_normal(s[1]), jnp.float32) for s in shapes]
-    w = jnp.asarray(rng.random(len(shapes)), jnp.float32)
-    x = jnp.asarray(rng.standard_normal(lead + (n,)), jnp.float32)
-    y_t = jnp.asarray(rng.standard_normal(lead + (m,)), jnp.float32)
-
-    def grouped(a, b, w):
-        groups, weights = [], []
-        for i, s in enumerate(shapes):
-            if i == 4:  # component 4 repeats component 3's shape: one stacked group
-                continue
-            ids = [3, 4] if i == 3 else [i]
-            groups.append((jnp.stack([a[j] for j in ids]), jnp.stack([b[j] for j in ids])))
-            weights.append(w[jnp.asarray(ids)])
-        return groups, weights
-
-    def loss_factored(x, a, b, w):
-        groups, weights = grouped(a, b, w)
-        return jnp.sum((kron.kron_mixture_apply(x, groups, weights, m, n) - y_t) ** 2)
-
-    def loss_materialised(x, a, b, w):
-        return jnp.sum((x @ _materialised_mixture(shapes, a, b, w, m, n).T - y_t) ** 2)
-
-    groups, weights = grouped(a, b, w)
-    close(kron.kron_mixture_apply(x, groups, weights, m, n),
-          x @ _materialised_mixture(shapes, a, b, w, m, n).T)
-    gf = jax.jit(jax.grad(loss_factored, argnums=(0, 1, 2, 3)))(x, a, b, w)
-    gm = jax.grad(loss_materialised, argnums=(0, 1, 2, 3))(x, a, b, w)
-    for u, v in zip(jax.tree.leaves(gf), jax.tree.leaves(gm)):
-        close(u, v)
+# Both schedules over a flat token axis longer than a chunk, rows of a batch and one token,
+# every merged-matmul path: tests/test_kron_schedule.py.
 
 
 def test_plan_shares_matmuls_between_groups_with_equal_splits():
     shapes = [((1, 16, 8), (1, 2, 8)), ((1, 8, 8), (1, 8, 8)), ((2, 4, 16), (2, 16, 4))]
-    plan = kron._make_plan(shapes)
+    plan = kron_schedule.make_plan(shapes)
     assert plan.a_first == (False, False, True)
     assert plan.x_sides == ((0, 1), (2,))       # B-first groups that split x as (8, 8)
     assert plan.y_sides == ((0,), (1,), (2,))   # output splits all differ
@@ -203,3 +155,103 @@ def test_single_token_and_empty_batch():
     close(kron.kron_apply(jnp.asarray(x), jnp.asarray(a), jnp.asarray(b), 15, 8),
           x @ np.kron(a, b).T)
     assert kron.kron_apply(jnp.zeros((0, 8)), jnp.asarray(a), jnp.asarray(b), 15, 8).shape == (0, 15)
+
+
+# ---- dtypes: one rule on every path (module docstring of kron.py) ---------------------------
+
+BF16, F32 = jnp.bfloat16, jnp.float32
+BF16_RTOL = 2e-2  # a few bf16 roundings (unit 2^-8) of inputs, mid operands and output
+
+
+def _mixture_inputs(lead, x_dtype, f_dtype, seed=8):
+    m, n = 37, 45
+    rng = np.random.default_rng(seed)
+    a = [rng.standard_normal(s).astype(np.float32) for s in [(5, 7), (5, 7), (4, 9)]]
+    b = [rng.standard_normal(s).astype(np.float32) for s in [(8, 7), (8, 7), (10, 5)]]
+    w = rng.random(3).astype(np.float32)
+    groups = [(jnp.asarray(np.stack(a[:2]), f_dtype), jnp.asarray(np.stack(b[:2]), f_dtype)),
+              (jnp.asarray(a[2][None], f_dtype), jnp.asarray(b[2][None], f_dtype))]
+    weights = [jnp.asarray(w[:2], f_dtype), jnp.asarray(w[2:], f_dtype)]
+    x = jnp.asarray(rng.standard_normal(lead + (n,)), x_dtype)
+    cot = jnp.asarray(rng.standard_normal(lead + (m,)), x_dtype)
+    return groups, weights, x, cot, m, n
+
+
+PATHS = [(0,), (), (5,), (3, 40), (2 * kron_schedule.TOKEN_CHUNK + 7,)]
+
+
+@pytest.mark.parametrize("schedule", ["chunked", "batched"])
+@pytest.mark.parametrize("lead, x_dtype, f_dtype",
+                         [(lead, BF16, F32) for lead in PATHS]
+                         + [((3, 40), F32, BF16), ((3, 40), BF16, BF16)])
+def test_mixture_dtype_rule_on_every_path(schedule, lead, x_dtype, f_dtype):
+    # The output has x's dtype on every path (the empty batch, one token, one chunk, the
+    # multi-row fori_loop that raised TypeError for bf16 x with f32 factors, the flat scan);
+    # gradients have their inputs' dtypes; values are the f32 materialised ones to bf16 accuracy.
+    groups, weights, x, cot, m, n = _mixture_inputs(lead, x_dtype, f_dtype)
+
+    def loss(x, groups, weights, how):
+        if how == "materialised":
+            x, groups, weights = jax.tree.map(lambda v: v.astype(F32), (x, groups, weights))
+            dw = sum(jnp.einsum("c,cij,ckl->ikjl", w, a, b).reshape(a.shape[1] * b.shape[1], -1)
+                     [:m, :n] for (a, b), w in zip(groups, weights))
+            y = x @ dw.T
+        else:
+            y = kron.kron_mixture_apply(x, groups, weights, m, n, schedule=how)
+        return jnp.vdot(y.astype(F32), cot.astype(F32)), y
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+    with jax.default_matmul_precision("highest"):
+        (_, y), g = grad(x, groups, weights, schedule)
+        (_, y_ref), g_ref = grad(x, groups, weights, "materialised")
+    assert y.dtype == x_dtype and y.shape == lead + (m,)
+    assert jax.tree.map(lambda v: v.dtype, g) == jax.tree.map(lambda v: v.dtype, (x, groups, weights))
+    if x.size:
+        close(y, y_ref, BF16_RTOL)
+        for u, v in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+            close(u, v, BF16_RTOL)
+    y32 = kron.kron_mixture_apply(x, groups, weights, m, n, schedule=schedule,
+                                  preferred_element_type=F32)
+    assert y32.dtype == F32
+
+
+@pytest.mark.parametrize("x_dtype, c_dtype", [(BF16, F32), (F32, BF16), (BF16, BF16)])
+@pytest.mark.parametrize("lead", [(0,), (), (3, 40)])
+def test_blockdiag_dtype_rule(x_dtype, c_dtype, lead):
+    m, n = 20, 8
+    rng = np.random.default_rng(9)
+    c = jnp.asarray(rng.standard_normal((7, 3)), c_dtype)  # k = 3 blocks of 3, 21 >= 20 rows
+    x = jnp.asarray(rng.standard_normal(lead + (n,)), x_dtype)
+    y = kron.blockdiag_apply(x, c, m, n)
+    assert y.dtype == x_dtype and y.shape == lead + (m,)
+    dense = kron.blockdiag_materialize(c.astype(F32), m, n)
+    if x.size:
+        close(y, np.asarray(x, np.float64) @ np.asarray(dense, np.float64).T, BF16_RTOL)
+    dx, dc = jax.grad(lambda x, c: kron.blockdiag_apply(x, c, m, n).astype(F32).sum(),
+                      argnums=(0, 1))(x, c)
+    assert (dx.dtype, dc.dtype) == (x_dtype, c_dtype)
+    assert kron.blockdiag_apply(x, c, m, n, preferred_element_type=F32).dtype == F32
+
+
+def test_factors_that_do_not_cover_the_weight_are_named_errors():
+    x = jnp.ones((2, 8))
+    a, b = jnp.ones((3, 4)), jnp.ones((5, 2))   # covers (15, 8)
+    with pytest.raises(ValueError, match=r"\(15, 8\) product, which does not cover the \(m, n\) "
+                                         r"= \(16, 8\).*ma\*mb >= m"):
+        kron.kron_apply(x, a, b, 16, 8)
+    with pytest.raises(ValueError, match=r"does not cover the \(m, n\) = \(15, 9\)"):
+        kron.kron_apply(jnp.ones((2, 9)), a, b, 15, 9)
+    with pytest.raises(ValueError, match=r"last axis must be n = 8"):
+        kron.kron_apply(jnp.ones((2, 7)), a, b, 15, 8)
+    with pytest.raises(ValueError, match="must be matrices"):
+        kron.kron_apply(x, a[None], b, 15, 8)
+    with pytest.raises(ValueError, match=r"group 0 has A \(2, 3, 4\), B \(1, 5, 2\), weights"):
+        kron.kron_mixture_apply(x, [(a[None].repeat(2, 0), b[None])], [jnp.ones(2)], 15, 8)
+    with pytest.raises(ValueError, match="one \\(c,\\) weight vector per group"):
+        kron.kron_mixture_apply(x, [(a[None], b[None])], [], 15, 8)
+    with pytest.raises(TypeError, match="floating-point"):
+        kron.kron_apply(jnp.ones((2, 8), jnp.int32), a, b, 15, 8)
+    # blockdiag: c (1, 3) on n = 8 gives k = 3 blocks of 1 row: 3 < m = 20
+    with pytest.raises(ValueError, match=r"3 blocks of c \(1, 3\) give 3 output rows, fewer "
+                                         r"than m = 20; c needs q >= ceil\(m / k\) = 7"):
+        kron.blockdiag_apply(x, jnp.ones((1, 3)), 20, 8)

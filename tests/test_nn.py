@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from moka_jax import nn
-from moka_jax.adapters import LoRAConfig, MoKAConfig, MoKAsConfig
+from moka_jax.adapters import DoRAConfig, LoRAConfig, MoKAConfig, MoKAsConfig
 from moka_jax.variables import AdapterParam, FrozenWeight
 
 
@@ -41,13 +41,16 @@ def test_attach_by_default_regex_and_no_match_error():
         nn.attach_adapters(model, MoKAConfig(r=2), "(", rngs=nnx.Rngs(1))
 
 
-@pytest.mark.parametrize("config", [MoKAConfig(r=3), MoKAsConfig(r=2), LoRAConfig(r=2)])
+@pytest.mark.parametrize("config", [MoKAConfig(r=3), MoKAConfig(r=3, gated=False),
+                                    MoKAsConfig(r=2), LoRAConfig(r=2), DoRAConfig(r=2)])
 def test_adamw_step_touches_adapters_only(config):
     model = Tiny(nnx.Rngs(0))
     nn.attach_adapters(model, config, rngs=nnx.Rngs(1))
     frozen_before = jax.tree.map(np.array, nnx.state(model, FrozenWeight))
     adapter_before = jax.tree.map(np.array, nnx.state(model, AdapterParam))
-    opt = nnx.Optimizer(model, optax.adamw(1e-2), wrt=AdapterParam)
+    # No weight decay: a leaf changes only if its gradient reaches it (decay would move A
+    # even with a zero gradient).
+    opt = nnx.Optimizer(model, optax.adamw(1e-2, weight_decay=0.0), wrt=AdapterParam)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 32)), jnp.float32)
 
     @nnx.jit

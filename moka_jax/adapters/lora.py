@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moka_jax.adapters.init import kaiming_uniform
+from moka_jax.adapters.init import add_in_f32, kaiming_uniform
+from moka_jax.kron import accumulation_dtype
 from moka_jax.variables import AdapterParam
 
 
@@ -31,13 +32,17 @@ class LoRA(nnx.Module):
                                                    param_dtype))
         self.lora_b = AdapterParam(jnp.zeros((out_features, r), param_dtype))
 
-    def delta(self, x):
+    def delta(self, x, preferred_element_type=None):
+        """dW x in x's dtype (or preferred_element_type); matmuls accumulate in f32."""
+        acc = accumulation_dtype(x.dtype)
         a = self.lora_a[...].astype(x.dtype)
         b = self.lora_b[...].astype(x.dtype)
-        return ((x @ a.T) @ b.T) * jnp.asarray(self.scaling, x.dtype)
+        mid = jnp.matmul(x, a.T, preferred_element_type=acc).astype(x.dtype)  # next matmul's input
+        y = jnp.matmul(mid, b.T, preferred_element_type=acc) * self.scaling
+        return y.astype(preferred_element_type or x.dtype)
 
     def __call__(self, x, y_base, base=None):
-        return y_base + self.delta(x)
+        return add_in_f32(y_base, lambda acc: self.delta(x, acc))
 
     def delta_weight(self, base=None):
         return self.scaling * (self.lora_b[...] @ self.lora_a[...])
@@ -68,8 +73,9 @@ class DoRA(LoRA):
     def __call__(self, x, y_base, base=None):
         if base is None:
             raise ValueError("DoRA needs the base layer to compute the weight norm")
-        s = self._scale(base.weight()).astype(x.dtype)
-        return s * (y_base + self.delta(x))
+        acc = accumulation_dtype(y_base.dtype)
+        s = self._scale(base.weight()).astype(acc)  # y = s * (y_base + dW x), in f32
+        return (s * (y_base.astype(acc) + self.delta(x, acc))).astype(y_base.dtype)
 
     def merge(self, w0):
         s = self._scale(w0)

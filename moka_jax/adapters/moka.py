@@ -2,6 +2,7 @@
 
 Adapter interface (shared with lora.py):
     adapter(x, y_base, base) -> y          y_base = base matmul without bias
+    adapter.delta(x) -> dW x               (not DoRA); preferred_element_type as kron's
     adapter.delta_weight(base) -> (m, n)   materialised dW (merge, export, tests only)
     adapter.merge(w0) -> (m, n)            merged weight given the (dequantised) base weight
 """
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moka_jax import kron, shapes as shapes_lib
-from moka_jax.adapters.init import kaiming_uniform
+from moka_jax.adapters.init import add_in_f32, kaiming_uniform
 from moka_jax.variables import AdapterParam
 
 # From bench/scale_sweep.py (2026-11-28, CPU): teacher-student fit of one 576x576 layer,
@@ -36,12 +37,14 @@ class MoKA(nnx.Module):
     """dW = scale * sum_i softmax(g)_i * kron(A_i, B_i)[:m, :n], never materialised in apply."""
 
     def __init__(self, in_features: int, out_features: int, shapes, *, scale: float,
-                 gated: bool = True, rngs: nnx.Rngs, param_dtype=jnp.float32, name: str = ""):
+                 gated: bool = True, schedule: str = "auto", rngs: nnx.Rngs,
+                 param_dtype=jnp.float32, name: str = ""):
         m, n = out_features, in_features
         shapes = shapes_lib.validate_kron_shapes(shapes, m, n, name)
         self.m, self.n, self.r = m, n, len(shapes)
         self.shapes = tuple(shapes)
         self.scale, self.gated = float(scale), bool(gated)
+        self.schedule = kron.check_schedule(schedule)  # resolved when traced (kron.resolve_schedule)
         # Components of equal shape share one stacked parameter per factor, so the apply
         # runs one batched contraction per distinct shape. group_index[g] lists the
         # component ids (positions in `shapes`) stored in group g, in order.
@@ -62,18 +65,16 @@ class MoKA(nnx.Module):
         """Mixture weights (r,): softmax of the gate, or 1/r when ungated."""
         return _gate_weights(self.g, self.r, self.gated)
 
-    def _groups(self, dtype):
+    def delta(self, x, preferred_element_type=None):
+        # Factors and gate go in unrounded: kron folds them in f32 and casts to x's dtype once.
         alpha = self.alpha() * self.scale
-        groups = [(a[...].astype(dtype), b[...].astype(dtype)) for a, b in zip(self.a, self.b)]
-        weights = [alpha[jnp.asarray(ids)].astype(dtype) for ids in self.group_index]
-        return groups, weights
-
-    def delta(self, x):
-        groups, weights = self._groups(x.dtype)
-        return kron.kron_mixture_apply(x, groups, weights, self.m, self.n)
+        groups = [(a[...], b[...]) for a, b in zip(self.a, self.b)]
+        weights = [alpha[jnp.asarray(ids)] for ids in self.group_index]
+        return kron.kron_mixture_apply(x, groups, weights, self.m, self.n, schedule=self.schedule,
+                                       preferred_element_type=preferred_element_type)
 
     def __call__(self, x, y_base, base=None):
-        return y_base + self.delta(x)
+        return add_in_f32(y_base, lambda acc: self.delta(x, acc))
 
     def components(self):
         """[(A_i, B_i)] in component order (f32 arrays)."""
@@ -115,16 +116,22 @@ class MoKAs(nnx.Module):
     def alpha(self):
         return _gate_weights(self.g, self.r, self.gated)
 
-    def delta(self, x):
-        alpha = (self.alpha() * self.scale).astype(x.dtype)
+    def delta(self, x, preferred_element_type=None):
+        alpha = self.alpha() * self.scale
+        acc = kron.accumulation_dtype(x.dtype)
+        # Each component's copy of x comes from one f32 x, so autodiff sums their cotangents
+        # in f32 (as kron_schedule.batched does); alpha is folded into C in f32.
+        x_acc = x.astype(acc)
         y = None
         for i, c in enumerate(self.c):
-            y_i = alpha[i] * kron.blockdiag_apply(x, c[...].astype(x.dtype), self.m, self.n)
+            c_i = alpha[i] * c[...].astype(acc)
+            y_i = kron.blockdiag_apply(x_acc.astype(x.dtype), c_i, self.m, self.n,
+                                       preferred_element_type=acc)
             y = y_i if y is None else y + y_i
-        return y
+        return y.astype(preferred_element_type or x.dtype)
 
     def __call__(self, x, y_base, base=None):
-        return y_base + self.delta(x)
+        return add_in_f32(y_base, lambda acc: self.delta(x, acc))
 
     def delta_weight(self, base=None):
         alpha = self.alpha() * self.scale
@@ -151,7 +158,12 @@ class MoKAConfig:
     scale: float = DEFAULT_SCALE
     gated: bool = True
     exact: bool = False
+    # How the apply runs (kron.resolve_schedule): auto = chunked on CPU, batched on GPU / TPU.
+    schedule: str = dataclasses.field(default="auto", metadata={"choices": kron.SCHEDULES})
     kind: str = "moka"
+
+    def __post_init__(self):
+        kron.check_schedule(self.schedule)
 
     def layer_shapes(self, m: int, n: int, name: str = ""):
         if self.shapes is not None:
@@ -161,7 +173,7 @@ class MoKAConfig:
     def build(self, base, name: str, rngs: nnx.Rngs) -> MoKA:
         m, n = base.out_features, base.in_features
         return MoKA(n, m, self.layer_shapes(m, n, name), scale=self.scale, gated=self.gated,
-                    rngs=rngs, name=name)
+                    schedule=self.schedule, rngs=rngs, name=name)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,18 @@ def step_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in STEP_KEYS}
 
 
+def one_example_rows(ids, scored: int | None = None) -> dict:
+    """A step batch of ids (..., B, T), one example a row and no padding, scoring the next token
+    at the first `scored` positions (default all T - 1): for benches and synthetic checks."""
+    t = ids.shape[-1]
+    scored = t - 1 if scored is None else scored
+    lead = ids.shape[:-1]
+    return {"input_ids": ids, "segment_ids": jnp.ones_like(ids),
+            "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), ids.shape),
+            "loss_pos": jnp.broadcast_to(jnp.arange(scored, dtype=jnp.int32), (*lead, scored)),
+            "loss_tgt": ids[..., 1:scored + 1]}
+
+
 def token_loss_sums(logits_BTV, labels_BT):
     """(sum of next-token NLL over labelled positions, number of labelled positions), from full
     logits: the reference that `labelled_loss_sums` is tested against."""

@@ -67,13 +67,21 @@ def test_gpu_check_sh_tiny(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     check = json.loads((tmp_path / "check.json").read_text())
     assert check["passed"] and [c["name"] for c in check["checks"]] == [
-        "kron_apply", "nf4", "train_step"]
+        "kron_apply", "moka_bf16", "nf4", "train_step"]
     res = json.loads((tmp_path / "gpu_bench.json").read_text())
-    moka, lora = res["variants"]["moka"], res["variants"]["lora_r16"]
-    for v in (moka, lora):
+    variants = res["variants"]
+    assert list(variants) == ["moka_batched", "lora_r16", "moka_chunked"]  # both schedules
+    chunked, batched, lora = variants["moka_chunked"], variants["moka_batched"], variants["lora_r16"]
+    assert (chunked["schedule"], batched["schedule"], lora["schedule"]) == ("chunked", "batched", None)
+    for v in (chunked, batched, lora):
         assert v["step_seconds"] > 0 and v["tokens_per_s"] > 0 and v["compilations"] == 1
         assert v["mfu"] is None and v["peak_bytes"] is None  # CPU: no peak FLOP/s, no allocator
-        assert np.isfinite(v["loss"])
-    assert moka["trainable_params"] < lora["trainable_params"]
-    assert res["moka_over_lora_step_time"] == moka["step_seconds"] / lora["step_seconds"]
+        assert np.isfinite(v["loss"]) and v["policy_schedule"] == "chunked"
+    # Same weights and batch: the two schedules give the same loss.
+    assert abs(chunked["loss"] - batched["loss"]) <= 1e-2 * abs(batched["loss"])
+    assert chunked["trainable_params"] == batched["trainable_params"] < lora["trainable_params"]
+    assert res["schedule"] == "chunked"  # the CPU policy's pick is the one compared with LoRA
+    assert res["moka_over_lora_step_time"] == chunked["step_seconds"] / lora["step_seconds"]
+    assert res["moka_chunked_over_batched_step_time"] == (chunked["step_seconds"]
+                                                          / batched["step_seconds"])
     assert res["moka_over_lora_peak_memory"] is None
