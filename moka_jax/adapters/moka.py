@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moka_jax import kron, shapes as shapes_lib
+from moka_jax.domains import COUNT, POSITIVE, check_fields, domain
 from moka_jax.adapters.init import kaiming_uniform
 from moka_jax.variables import AdapterParam
 
@@ -141,12 +142,15 @@ class MoKAs(nnx.Module):
 class MoKAConfig:
     """MoKA on every target layer. shapes (explicit, win over the planner) or r + budget."""
 
-    r: int = 10
+    r: int = dataclasses.field(default=10, metadata=domain(COUNT))
     shapes: tuple | None = None
-    budget: int | None = None
-    scale: float = DEFAULT_SCALE
+    budget: int | None = dataclasses.field(default=None, metadata=domain(COUNT))
+    scale: float = dataclasses.field(default=DEFAULT_SCALE, metadata=domain(POSITIVE))
     gated: bool = True
     kind: str = "moka"
+
+    def __post_init__(self):
+        check_fields(self)
 
     def layer_shapes(self, m: int, n: int, name: str = ""):
         if self.shapes is not None:
@@ -163,12 +167,15 @@ class MoKAConfig:
 class MoKAsConfig:
     """MoKAs on every target layer. primes (explicit, win over the planner) or r + budget."""
 
-    r: int = 4
+    r: int = dataclasses.field(default=4, metadata=domain(COUNT))
     primes: tuple | None = None
-    budget: int | None = None
-    scale: float = DEFAULT_SCALE
+    budget: int | None = dataclasses.field(default=None, metadata=domain(COUNT))
+    scale: float = dataclasses.field(default=DEFAULT_SCALE, metadata=domain(POSITIVE))
     gated: bool = True
     kind: str = "mokas"
+
+    def __post_init__(self):
+        check_fields(self)
 
     def layer_primes(self, m: int, n: int, name: str = ""):
         if self.primes is not None:
