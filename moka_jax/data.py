@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moka_jax import files
 from moka_jax.config import BYTE_VOCAB_SIZE, resolve_path
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,10 @@ class DataError(ValueError):
 
 
 def _parse_file(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = files.read_text(path, "data file", "give a JSON list of records or JSON lines")
+    except files.FileCheckError as e:
+        raise DataError(str(e)) from None
     if path.suffix != ".jsonl":
         try:
             data = json.loads(text)
@@ -213,6 +217,10 @@ def load_tokenizer(spec: str):
     path = resolve_path(spec)
     if not path.is_dir():
         raise DataError(f"tokenizer {spec!r} is neither 'bytes', 'smollm2' nor a directory")
+    try:
+        files.check_tokenizer_dir(path)
+    except files.FileCheckError as e:
+        raise DataError(str(e)) from None
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 

@@ -79,11 +79,11 @@ def merge_model(model, requantize: str | None = None):
 
 
 def export_hf(model, config, out_dir, tokenizer_dir=None, overwrite: bool = False, *,
-              merged: bool = True, dtype=np.float32) -> Path:
+              merged: bool = True, dtype=np.float32, inputs=()) -> Path:
     """A Hugging Face directory transformers loads: merged weights (or the base alone with
     merged=False). Refuses an existing out_dir unless overwrite; written atomically."""
     return save_hf(model, config, out_dir, tokenizer_dir=tokenizer_dir, merged=merged,
-                   dtype=dtype, overwrite=overwrite)
+                   dtype=dtype, overwrite=overwrite, command="export-hf", inputs=inputs)
 
 
 # ---- PEFT LoKr --------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def lokr_tensors(model) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def export_peft_lokr(model, out_dir, base_model_name_or_path: str | None,
-                     overwrite: bool = False) -> Path:
+                     overwrite: bool = False, *, inputs=()) -> Path:
     """A PEFT LoKr adapter directory equal to the model's single-component MoKA adapters.
 
     PEFT applies it to whatever base it is loaded on: use the dequantised base (export_hf with
@@ -185,7 +185,7 @@ def export_peft_lokr(model, out_dir, base_model_name_or_path: str | None,
 
     tensors, config = lokr_tensors(model)  # all checks before anything is written
     config["base_model_name_or_path"] = base_model_name_or_path
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, command="export-peft-lokr", inputs=inputs) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return Path(out_dir)
@@ -237,19 +237,27 @@ def load_adapted(model_spec: str, adapter_dir, *, block_size: int | None = None,
 def run(args) -> Path:
     if args.format == "peft-lokr" and args.requantize:
         raise ValueError("--requantize applies to --format hf only (a LoKr adapter has no base)")
-    if Path(args.out).exists() and not args.overwrite:  # before the heavy work
-        raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it")
+    from moka_jax.convert import resolve_source
+    from moka_jax.outputs import check_output
+
+    command = {"peft-lokr": "export-peft-lokr"}.get(args.format, "export-hf")
+    command = "export-requantize" if args.requantize else command
+    model_dir = None if args.model == "random" else resolve_source(args.model)
+    inputs = [Path(args.adapter), model_dir]
+    # Before the heavy work; never over the adapter or the base, whatever --overwrite says.
+    check_output(args.out, command=command, inputs=inputs, overwrite=args.overwrite)
     model, config, tok_dir = load_adapted(args.model, args.adapter)
     if args.format == "peft-lokr":
-        return export_peft_lokr(model, args.out, str(tok_dir or args.model), args.overwrite)
+        return export_peft_lokr(model, args.out, str(tok_dir or args.model), args.overwrite,
+                                inputs=inputs)
     if args.requantize:
         from moka_jax.convert import save_converted
         merged = merge_model(model, requantize=args.requantize)
         meta = {"quant": args.requantize, "merged_adapter": str(Path(args.adapter).absolute()),
                 "source": str(tok_dir or args.model)}
         return save_converted(merged, config, args.out, tokenizer_dir=tok_dir,
-                              overwrite=args.overwrite, meta=meta)
-    return export_hf(model, config, args.out, tok_dir, args.overwrite)
+                              overwrite=args.overwrite, meta=meta, command=command, inputs=inputs)
+    return export_hf(model, config, args.out, tok_dir, args.overwrite, inputs=inputs)
 
 
 def main(argv=None) -> int:

@@ -251,7 +251,9 @@ def beam_search(model, input_ids_BT, attention_mask_BT=None, *, num_beams: int =
 def load_tokenizer(path):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    from moka_jax.files import check_tokenizer_dir
+
+    tok = AutoTokenizer.from_pretrained(str(check_tokenizer_dir(path)), local_files_only=True)
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

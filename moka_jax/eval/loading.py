@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import jax.numpy as jnp
 from flax import nnx
 
-from moka_jax import nn
+from moka_jax import files, nn
 from moka_jax.adapters import adapter_config_from_dict
 from moka_jax.train.checkpoint import (CheckpointError, _flat, compare_signatures,
                                        load_adapter_params, read_adapter_meta, tree_signature)
@@ -37,7 +36,7 @@ def resolve_model(name_or_dir) -> Path:
 
 def _config_dict(path: Path) -> dict | None:
     file = Path(path) / "config.json"
-    return json.loads(file.read_text()) if file.is_file() else None
+    return files.read_json_object(file, "model config") if file.is_file() else None
 
 
 def check_adapter_base(meta: dict, model_dir, quant: str) -> None:

@@ -23,6 +23,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from moka_jax import files
+
 
 class CheckpointError(ValueError):
     pass
@@ -182,17 +184,30 @@ def save_adapter(out_dir, params, *, adapter_config: dict, targets: str, base: d
     return out_dir
 
 
+_ADAPTER_FIX = ("export the adapter again (train.py writes <run>/adapter at the end of a run; "
+                "rerunning the finished run rewrites it from its last checkpoint)")
+
+
 def read_adapter_meta(adapter_dir) -> dict:
     path = Path(adapter_dir) / "adapter.safetensors"
     if not path.exists():
         raise CheckpointError(f"{adapter_dir} is not a moka_jax adapter directory (no "
                               "adapter.safetensors); export one with train.py or save_adapter")
-    from safetensors import safe_open
-    with safe_open(str(path), framework="numpy") as f:
-        meta = (f.metadata() or {}).get("moka_jax")
+    try:
+        _, header_meta, _ = files.safetensors_header(path, fix=_ADAPTER_FIX)
+    except files.FileCheckError as e:
+        raise CheckpointError(str(e)) from None
+    meta = header_meta.get("moka_jax")
     if meta is None:
         raise CheckpointError(f"{path} has no moka_jax metadata; it was not written by moka_jax")
-    return json.loads(meta)
+    try:
+        meta = json.loads(meta)
+        for key in ("adapter", "targets", "tree"):
+            meta[key]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{path}: its moka_jax metadata is damaged (not JSON with adapter, "
+                              f"targets and tree); {_ADAPTER_FIX}") from None
+    return meta
 
 
 def load_adapter_params(adapter_dir, live_params):
