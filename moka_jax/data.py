@@ -317,29 +317,52 @@ class TokenizedData:
                              files, weights)
 
 
+def drop_reasons(ids: list, labels: list, cutoff_len: int, add_eos: bool) -> dict[str, int]:
+    """{why: count} for the examples with no labelled token (nothing to learn from)."""
+    reasons: dict[str, int] = {}
+    for x, lab in zip(ids, labels):
+        if (lab != IGNORE).any():
+            continue
+        why = (f"the prompt fills data.cutoff_len = {cutoff_len}" if len(x) >= cutoff_len else
+               "an empty response" + ("" if add_eos else " and data.add_eos = false (no EOS "
+                                                         "token to learn)"))
+        reasons[why] = reasons.get(why, 0) + 1
+    return reasons
+
+
 def tokenize_file(path, tokenizer, *, format: str = "auto", limit: int | None = None,
                   template: str = "alpaca", cutoff_len: int = 256, train_on_inputs: bool = False,
-                  add_eos: bool = True) -> TokenizedData:
-    """One file -> TokenizedData, dropping examples with no response token left after cutoff."""
+                  add_eos: bool = True, report: list | None = None) -> TokenizedData:
+    """One file -> TokenizedData, dropping examples with no response token left after cutoff.
+
+    report: if given, {"file", "records", "kept", "dropped": {why: count}} is appended.
+    """
     records, _ = load_records(path, format, limit)
     ids, labels = tokenize(records, tokenizer, template=template, cutoff_len=cutoff_len,
                            train_on_inputs=train_on_inputs, add_eos=add_eos)
     keep = [i for i, lab in enumerate(labels) if (lab != IGNORE).any()]
+    dropped = drop_reasons(ids, labels, cutoff_len, add_eos)
     if not keep:
-        raise DataError(
-            f"{path}: all {len(records)} examples removed: none has a response token within "
-            f"data.cutoff_len = {cutoff_len} (the prompt fills it); raise cutoff_len")
-    if len(keep) < len(records):
-        log.info("%s: dropped %d of %d examples whose prompt fills cutoff_len %d",
-                 path, len(records) - len(keep), len(records), cutoff_len)
+        fixes = [f for why, f in (("prompt fills", "raise data.cutoff_len"),
+                                  ("add_eos = false", "set data.add_eos = true"),
+                                  ("empty response", "give the records a non-empty output"))
+                 if any(why in w for w in dropped)]
+        raise DataError(f"{path}: all {len(records)} examples removed, none has a response "
+                        "token to learn: " + "; ".join(f"{n} with {w}" for w, n in dropped.items())
+                        + f"; {' or '.join(dict.fromkeys(fixes))}")
+    if report is not None:
+        report.append({"file": str(path), "records": len(records), "kept": len(keep),
+                       "dropped": dropped})
     return TokenizedData([ids[i] for i in keep], [labels[i] for i in keep],
                          np.zeros(len(keep), np.int64), [str(path)])
 
 
-def build_datasets(data_cfg, tokenizer) -> tuple[TokenizedData, TokenizedData | None]:
-    """(train, val) from a config.DataConfig: per-file limits, mixing weights, held-out split."""
+def build_datasets(data_cfg, tokenizer, report: list | None = None
+                   ) -> tuple[TokenizedData, TokenizedData | None]:
+    """(train, val) from a config.DataConfig: per-file limits, mixing weights, held-out split.
+    report: collects tokenize_file's per-file counts (train files first, then val files)."""
     kw = dict(format=data_cfg.format, template=data_cfg.template, cutoff_len=data_cfg.cutoff_len,
-              train_on_inputs=data_cfg.train_on_inputs, add_eos=data_cfg.add_eos)
+              train_on_inputs=data_cfg.train_on_inputs, add_eos=data_cfg.add_eos, report=report)
 
     def load(files):
         return [tokenize_file(resolve_path(f.path), tokenizer, limit=f.limit, **kw) for f in files]

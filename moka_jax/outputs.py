@@ -114,15 +114,20 @@ def check_output(path, *, command: str, inputs=(), overwrite: bool = False, owne
         return "same"
     if overwrite:
         return "replace"
+    detail = ""
     if theirs != command:
         held = f"the output of `{theirs}`"
-    elif owner is not None and isinstance(marker.get("owner"), dict) and not same_owner:
-        diff = dict_diff(marker["owner"], owner, "there", "now")
-        held = "a run with another config; differences:\n  " + "\n  ".join(diff[:10]) + "\n"
+    elif same_owner:
+        held = "this same output (the same config)" if owner is not None else \
+            f"an earlier output of `{command}`"
+    elif isinstance(marker.get("owner"), dict) and isinstance(owner, dict):
+        held = "the output of another config"
+        detail = ". Differences:\n  " + "\n  ".join(dict_diff(marker["owner"], owner, "there",
+                                                               "now")[:10])
     else:
-        held = f"an earlier output of `{command}`"
+        held = f"an earlier output of `{command}` of unknown config"
     raise OutputError(f"{path} already holds {held}; pass {flag} to replace it, or choose "
-                      "another directory")
+                      f"another directory{detail}")
 
 
 def check_output_file(path, *, command: str, inputs=(), overwrite: bool = False,
@@ -159,13 +164,18 @@ def write_file_atomic(path, text: str) -> Path:
 
 @contextlib.contextmanager
 def atomic_output_dir(out_dir, overwrite: bool = False, *, command: str = "moka_jax",
-                      inputs=(), owner=None):
+                      inputs=(), owner=None, reuse: bool = False):
     """check_output, then yield a temp dir beside out_dir (marker written); on success it
-    replaces out_dir in one rename, so a crash leaves the old output or the new one, whole."""
-    check_output(out_dir, command=command, inputs=inputs, overwrite=overwrite, owner=owner)
+    replaces out_dir in one rename, so a crash leaves the old output or the new one, whole.
+    reuse: replace `command`'s own output for the same `owner` without overwrite."""
+    check_output(out_dir, command=command, inputs=inputs, overwrite=overwrite, owner=owner,
+                 reuse=reuse)
     out_dir = Path(out_dir).expanduser().absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the output from other users
     try:
         write_marker(tmp, command, inputs, owner)
         yield tmp
