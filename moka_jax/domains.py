@@ -168,7 +168,7 @@ def arg(kind, dom=None, *, none: str | None = None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
         if dom is not None and value not in dom:
-            raise argparse.ArgumentTypeError(f"{text} is outside the allowed values: {dom}")
+            raise argparse.ArgumentTypeError(f"{text}, expected {dom}")
         return value
 
     parse_arg.__name__ = kind.__name__
