@@ -74,7 +74,8 @@ def _parse_file(path: Path) -> list:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             if not (e.msg == "Extra data" and text.lstrip().startswith("{")):
-                raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+                raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}; the file "
+                                "may be truncated or corrupt") from None
         else:
             if not isinstance(data, list):
                 raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
@@ -85,7 +86,8 @@ def _parse_file(path: Path) -> list:
             try:
                 out.append((f"line {n}", json.loads(line)))
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}:{e.colno}: invalid JSON: {e.msg}") from None
+                raise DataError(f"{path}:{n}:{e.colno}: invalid JSON: {e.msg}; the file may be "
+                                "truncated or corrupt") from None
     return out
 
 
@@ -323,9 +325,9 @@ def drop_reasons(ids: list, labels: list, cutoff_len: int, add_eos: bool) -> dic
     for x, lab in zip(ids, labels):
         if (lab != IGNORE).any():
             continue
-        why = (f"the prompt fills data.cutoff_len = {cutoff_len}" if len(x) >= cutoff_len else
-               "an empty response" + ("" if add_eos else " and data.add_eos = false (no EOS "
-                                                         "token to learn)"))
+        why = (f"a prompt that fills data.cutoff_len = {cutoff_len}" if len(x) >= cutoff_len
+               else "an empty response" + ("" if add_eos else " and data.add_eos = false (no "
+                                                              "EOS token to learn)"))
         reasons[why] = reasons.get(why, 0) + 1
     return reasons
 

@@ -31,7 +31,7 @@ class FileCheckError(ValueError):
             super().__init__(str(path))
             return
         self.path, self.problem, self.fix = Path(path), problem, fix
-        super().__init__(f"{path}: {problem}" + (f". {fix}" if fix else ""))
+        super().__init__(f"{path}: {problem}" + (f". {fix[:1].upper()}{fix[1:]}" if fix else ""))
 
 
 def require_file(path, what: str = "file", fix: str = "") -> Path:

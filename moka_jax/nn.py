@@ -117,11 +117,19 @@ def linear_paths(model) -> list[tuple[str, Linear]]:
             if isinstance(node, Linear)]
 
 
-def attach_adapters(model, config, targets: str = DEFAULT_TARGETS, *, rngs: nnx.Rngs):
+def attach_adapters(model, config, targets: str = DEFAULT_TARGETS, *, rngs: nnx.Rngs,
+                    replace: bool = False):
     """Attach config.build(...) to every Linear whose path matches `targets` (re.search).
 
-    Returns the matched paths. A pattern that matches nothing is an error, never a no-op.
+    Returns the matched paths. A pattern that matches nothing is an error, never a no-op;
+    so is a layer that already has an adapter, unless replace=True.
     """
+    if not hasattr(config, "build"):
+        raise TypeError(f"config = {config!r}: expected an adapter config (MoKAConfig, "
+                        "MoKAsConfig, LoRAConfig, DoRAConfig)")
+    if not isinstance(targets, str | list | tuple):
+        raise TypeError(f"targets = {targets!r} ({type(targets).__name__}): expected a regex "
+                        "string or a list of module names")
     try:
         pattern = re.compile(targets)
     except re.error as e:
@@ -132,6 +140,10 @@ def attach_adapters(model, config, targets: str = DEFAULT_TARGETS, *, rngs: nnx.
         sample = ", ".join(p for p, _ in layers[:8]) or "(the model has no Linear layers)"
         raise ValueError(f"target regex {targets!r} matches no Linear layer; paths look like: "
                          f"{sample}")
+    taken = [p for p, m in matched if m.adapter is not None]
+    if taken and not replace:
+        raise ValueError(f"{len(taken)} matched layer(s) already have an adapter ({taken[:3]}"
+                         f"{' ...' if len(taken) > 3 else ''}); pass replace=True to replace them")
     for path, layer in matched:
         layer.adapter = config.build(layer, path, rngs)
     return [p for p, _ in matched]

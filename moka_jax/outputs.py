@@ -82,7 +82,8 @@ def check_not_input(path, inputs, what: str = "output") -> Path:
 
 
 def check_output(path, *, command: str, inputs=(), overwrite: bool = False, owner=None,
-                 reuse: bool = False, known: tuple = (), flag: str = "--overwrite") -> str:
+                 reuse: bool = False, known: tuple = (), flag: str = "--overwrite",
+                 fix: str | None = None) -> str:
     """May `command` write the directory `path`? Returns
 
     "new"      absent, empty, or holding only a marker;
@@ -90,6 +91,7 @@ def check_output(path, *, command: str, inputs=(), overwrite: bool = False, owne
     "replace"  an earlier output of ours that `overwrite` allows replacing.
     Anything else raises OutputError naming the directory, what it holds and the fix.
     known: entry names that identify `command`'s output when a marker is missing (older runs).
+    fix: the advice when refused (default: pass `flag`, or choose another directory).
     """
     check_not_input(path, inputs)
     p = Path(path)
@@ -126,8 +128,8 @@ def check_output(path, *, command: str, inputs=(), overwrite: bool = False, owne
                                                                "now")[:10])
     else:
         held = f"an earlier output of `{command}` of unknown config"
-    raise OutputError(f"{path} already holds {held}; pass {flag} to replace it, or choose "
-                      f"another directory{detail}")
+    fix = fix or f"Pass {flag} to replace it, or choose another directory"
+    raise OutputError(f"{path} already holds {held}. {fix}{detail}")
 
 
 def check_output_file(path, *, command: str, inputs=(), overwrite: bool = False,

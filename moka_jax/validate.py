@@ -127,8 +127,10 @@ def claim_run_dir(cfg: Config, out_dir: Path, fp: dict, inputs) -> tuple[str, in
     state = outputs.check_output(
         out_dir, command=RUN_COMMAND, inputs=inputs, overwrite=t.overwrite, owner=fp,
         reuse=t.resume, known=RUN_ENTRIES,
-        flag="train.overwrite=true (it deletes that run's checkpoints, metrics and adapter)"
-             + ("" if t.resume else ", or train.resume=true to continue it"))
+        fix=("Set train.overwrite=true" if t.resume else
+             "Set train.resume=true to continue it, or train.overwrite=true")
+        + " to replace it (that deletes its checkpoints, metrics and adapter), or use another "
+          "train.out_dir")
     if state != "same" or not list_steps(ckpt_dir):
         return state, None
     step, damaged = newest_intact(ckpt_dir)
