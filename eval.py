@@ -81,8 +81,8 @@ def main(argv=None) -> int:
         tasks = None
         # Input problems surface before the model is loaded: the output path, then the data.
         if args.out:
-            inputs = [args.perplexity, args.adapter, args.data_dir, args.mmlu_dir,
-                      None if args.model == "smollm2" else args.model]
+            data = args.perplexity or (args.mmlu_dir if args.mmlu else args.data_dir)
+            inputs = [data, args.adapter, None if args.model == "smollm2" else args.model]
             check_output_file(args.out, command="eval", inputs=inputs, overwrite=args.overwrite)
         if args.perplexity:
             from moka_jax.data import load_records
