@@ -345,7 +345,7 @@ def tokenize_file(path, tokenizer, *, format: str = "auto", limit: int | None = 
     keep = [i for i, lab in enumerate(labels) if (lab != IGNORE).any()]
     dropped = drop_reasons(ids, labels, cutoff_len, add_eos)
     if not keep:
-        fixes = [f for why, f in (("prompt fills", "raise data.cutoff_len"),
+        fixes = [f for why, f in (("fills data.cutoff_len", "raise data.cutoff_len"),
                                   ("add_eos = false", "set data.add_eos = true"),
                                   ("empty response", "give the records a non-empty output"))
                  if any(why in w for w in dropped)]
