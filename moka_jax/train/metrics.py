@@ -11,13 +11,13 @@ import numpy as np
 class MetricsWriter:
     """Appends one JSON object per record to out_dir/metrics.jsonl; mirrors scalars to TB.
 
-    keep_through: the step the run (re)starts from. Records of later steps (written before a
-    crash, and about to be written again) are cut from metrics.jsonl first, and TensorBoard is
-    told to purge them, so no step is ever recorded twice.
+    keep_through: the step the run (re)starts from (0 = a fresh start). Records of later steps
+    (written before a crash, and about to be written again) are cut from metrics.jsonl first,
+    and TensorBoard is told to purge them, so no step is ever recorded twice. None appends.
     """
 
     def __init__(self, out_dir, tensorboard: bool = True, enabled: bool = True,
-                 keep_through: int = 0):
+                 keep_through: int | None = None):
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self._tb = None
@@ -25,12 +25,13 @@ class MetricsWriter:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / "metrics.jsonl"
-        if path.exists():
+        if path.exists() and keep_through is not None:
             cut_metrics(path, keep_through)
         self._file = open(path, "a", buffering=1)
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(self.out_dir / "tb"), purge_step=keep_through + 1)
+            purge = None if keep_through is None else keep_through + 1
+            self._tb = SummaryWriter(str(self.out_dir / "tb"), purge_step=purge)
 
     def write(self, step: int, **scalars):
         if not self.enabled:
