@@ -157,8 +157,8 @@ def check_gguf(path, fix: str = "") -> Path:
     with open(path, "rb") as fh:
         head = fh.read(24)
     if len(head) < 24 or head[:4] != b"GGUF":
-        raise FileCheckError(path, "not a GGUF file (it does not start with the 'GGUF' magic): "
-                             "corrupt or truncated", fix)
+        raise FileCheckError(path, "not a readable GGUF file (it does not start with the 'GGUF' "
+                             "magic): corrupt or truncated", fix)
     return path
 
 

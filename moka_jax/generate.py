@@ -319,9 +319,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:
+        from moka_jax.convert import resolve_source
         quant = args.quant or ("none" if jax.default_backend() == "cpu" else "nf4")
+        tokenizer = load_tokenizer(resolve_source(args.model))  # checked before the weights
         model, config, path = load_model(args.model, quant)
-        tokenizer = load_tokenizer(path)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

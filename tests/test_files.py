@@ -86,11 +86,11 @@ def test_tokenizer_dir_and_gguf(tmp_path):
         load_tokenizer(str(tmp_path))
     g = tmp_path / "m.gguf"
     g.write_bytes(b"GGML" + bytes(100))
-    with pytest.raises(files.FileCheckError, match="m.gguf: not a GGUF file"):
+    with pytest.raises(files.FileCheckError, match="m.gguf: not a readable GGUF file"):
         files.check_gguf(g)
     from moka_jax.models.gguf import _check_llama_gguf
     randomize(g)
-    with pytest.raises(files.FileCheckError, match="not a GGUF file"):
+    with pytest.raises(files.FileCheckError, match="not a readable GGUF file"):
         _check_llama_gguf(g)
 
 

@@ -110,6 +110,7 @@ def load_eval_model(model: str = "smollm2", quant: str = "none", adapter=None, *
     from moka_jax.models.hf import load_hf, read_config
 
     path = resolve_model(model)
+    files.check_tokenizer_dir(path)  # before the weights, not after them
     if adapter is not None:
         meta = read_adapter_meta(adapter)
         check_adapter_base(meta, path, quant)
