@@ -139,9 +139,7 @@ def claim_run_dir(cfg: Config, out_dir: Path, fp: dict, inputs) -> tuple[str, in
         raise CheckpointError(f"{ckpt_dir}: no intact checkpoint to resume from; nothing was "
                               f"deleted:\n  {lines}\nSet train.overwrite=true to start the run "
                               "over (that deletes them), or use a new train.out_dir.")
-    for s, why in damaged:
-        _say(f"checkpoint step {s} is damaged ({why}); the run resumes from step {step}")
-    return state, step
+    return state, step  # damaged newer steps: restore reports them (one line each)
 
 
 def _apply_run_dir(state: str, out_dir: Path, fp: dict) -> None:
