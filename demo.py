@@ -99,8 +99,10 @@ def main(argv=None) -> dict:
     before = evaluate_tasks(model, tokenizer, tasks, batch_size=args.batch_size)
     t_before = time.perf_counter() - t0
 
-    print(f"[demo 3/4] fine-tuning {cfg.adapter.kind} for {cfg.train.steps} steps of "
-          f"{cfg.train.batch_size} examples", flush=True)
+    rows = (f"{cfg.train.batch_size} packed rows of {cfg.data.buckets[-1]} tokens"
+            if cfg.data.packing else f"{cfg.train.batch_size} examples")
+    print(f"[demo 3/4] fine-tuning {cfg.adapter.kind} for {cfg.train.steps} steps of {rows}",
+          flush=True)
     t0 = time.perf_counter()
     summary = train(cfg)
     t_train = time.perf_counter() - t0

@@ -1,37 +1,11 @@
-"""Fine-tune a (4-bit) LLaMA-family model with MoKA / MoKAs / LoRA / DoRA.
+"""Fine-tune with MoKA / MoKAs / LoRA / DoRA: `moka-train` (moka_jax/cli/train.py).
 
     python train.py --config configs/tiny-debug.yaml [--set train.steps=50 --set adapter.r=4]
 """
 
-import argparse
 import sys
 
-from moka_jax.config import ConfigError, load_config
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True, help="YAML config file (see configs/)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    # Heavy imports only after the config is valid. prepare() checks everything a run needs
-    # before any weight is loaded; an input problem found then, or later, exits with 2.
-    from moka_jax.train.loop import prepare, train
-    from moka_jax.validate import user_errors
-
-    try:
-        train(cfg, plan=prepare(cfg))
-    except user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
+from moka_jax.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

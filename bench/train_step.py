@@ -5,7 +5,9 @@ Variants, each the real jitted TrainStep (loss, grads of the trainable tree, Ada
     leaf, so the backward runs through every layer exactly as the adapters' does;
   - lora_r16: LoRA r=16 on q_proj, v_proj;
   - moka: MoKA r=4 on q_proj, v_proj, planner shapes, about a quarter of LoRA r=16's params.
-Median of --steps timed steps after 2 warm-up steps. Last stdout line: one JSON object.
+The loss scores --labelled positions per row (16; the trainer's head runs on the labelled
+positions only). Median of --steps timed steps after 2 warm-up steps. Last stdout line: one
+JSON object.
 
     python bench/train_step.py [--steps 3] [--layers 30]
 """
@@ -54,8 +56,8 @@ class ProbedEmbed(nnx.Module):
         return self.inner.attend(x_BTD)
 
 
-def build(variant: str, layers: int):
-    model = Llama(smollm2_config(layers), dtype=jnp.float32, quant="nf4", rngs=nnx.Rngs(0))
+def build(variant: str, layers: int, dtype=jnp.float32):
+    model = Llama(smollm2_config(layers), dtype=dtype, quant="nf4", rngs=nnx.Rngs(0))
     if variant == "frozen":
         model.embed = ProbedEmbed(model.embed, model.config.hidden_size)
     elif variant == "lora_r16":
@@ -81,7 +83,7 @@ def time_variant(variant: str, layers: int, steps: int, batch: dict) -> dict:
         if i >= 2:
             times.append(time.perf_counter() - t0)
     t = statistics.median(times)
-    tokens = int(batch["attention_mask"].size)
+    tokens = int(batch["input_ids"].size)
     return {"trainable_params": n_params, "step_seconds": t, "tokens_per_s": tokens / t,
             "compilations": step.compilations, "loss": float(m["loss"])}
 
@@ -92,11 +94,17 @@ def main():
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--labelled", type=int, default=16, help="scored positions per row")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 49152, (1, args.batch, args.seq), dtype=np.int32)
-    batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(ids),
-             "attention_mask": jnp.ones_like(jnp.asarray(ids))}
+    # One example per row, --labelled scored positions per row (the real data has 5-6 labelled
+    # tokens an example, so the trainer's head runs on about that many hidden states).
+    T, C = args.seq, args.labelled
+    batch = {"input_ids": jnp.asarray(ids), "segment_ids": jnp.ones_like(jnp.asarray(ids)),
+             "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), ids.shape),
+             "loss_pos": jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (1, args.batch, C)),
+             "loss_tgt": jnp.asarray(ids[:, :, 1:C + 1])}
     res = {"bench": "train_step", "model": "SmolLM2-135M shapes, random weights, nf4 base",
            "layers": args.layers, "batch": [args.batch, args.seq], "backend": jax.default_backend(),
            "cpu_count": os.cpu_count(), "adapted": "q_proj, v_proj", "variants": {}}

@@ -8,6 +8,7 @@ from moka_jax.adapters import (
     adapter_config_from_dict,
     adapter_config_to_dict,
 )
+from moka_jax.api import load, merge, save_adapter, summary
 from moka_jax.kron import kron_apply, kron_materialize
 from moka_jax.nn import (
     DEFAULT_TARGETS,
@@ -25,5 +26,6 @@ __all__ = [
     "AdapterParam", "DEFAULT_TARGETS", "DoRAConfig", "FrozenWeight", "Linear", "LoRAConfig",
     "MoKAConfig", "MoKADense", "MoKAsConfig", "QuantizedWeight", "adapter_config_from_dict",
     "adapter_config_to_dict", "adapter_state", "attach_adapters", "count_params", "dequantize",
-    "kron_apply", "kron_materialize", "plan_moka_shapes", "plan_mokas_primes", "quantize",
+    "kron_apply", "kron_materialize", "load", "merge", "plan_moka_shapes", "plan_mokas_primes",
+    "quantize", "save_adapter", "summary",
 ]

@@ -121,7 +121,7 @@ def train_jax(model, batches, cfg) -> tuple[list, list, list, object]:
 
     from moka_jax.train import sharding
     from moka_jax.train.optim import make_optimizer
-    from moka_jax.train.step import TrainStep, split_model
+    from moka_jax.train.step import TrainStep, split_model, step_inputs
 
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     graphdef, params, frozen = split_model(model)
@@ -134,7 +134,7 @@ def train_jax(model, batches, cfg) -> tuple[list, list, list, object]:
     for batch in batches:
         before = step_fn.compilations
         t0 = time.perf_counter()
-        placed = sharding.place_batch(batch, mesh, cfg.train.grad_accum)
+        placed = sharding.place_batch(step_inputs(batch), mesh, cfg.train.grad_accum)
         params, opt_state, m = step_fn(params, opt_state, frozen, placed)
         losses.append(float(jax.block_until_ready(m["loss"])))
         times.append(time.perf_counter() - t0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -77,12 +78,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AdapterSection:
-    """`targets` regex + one adapter config (MoKAConfig | MoKAsConfig | LoRAConfig | DoRAConfig).
+    """`targets` (a regex, or a list of module names as PEFT's target_modules) + one adapter
+    config (MoKAConfig | MoKAsConfig | LoRAConfig | DoRAConfig).
 
     YAML keeps them flat: {kind: moka, targets: ..., r: 10, scale: 1.0}.
     """
 
-    targets: str = DEFAULT_TARGETS
+    targets: str | list[str] = DEFAULT_TARGETS
     config: typing.Any = field(default_factory=MoKAConfig)
 
     @property
@@ -92,12 +94,26 @@ class AdapterSection:
 
 @dataclass(frozen=True)
 class DataFile:
-    """One training / validation file; a bare string in YAML is shorthand for {path: ...}."""
+    """One training / validation source; a bare string in YAML is shorthand for {path: ...}.
+
+    path: a .json / .jsonl / .parquet file or a `Dataset.save_to_disk` directory; from Python
+    also an in-memory `datasets.Dataset` (a bare Dataset in the list is shorthand too).
+    """
 
     path: str
     # mixing weight; all files weighted or none (= concatenate)
     weight: float | None = field(default=None, metadata=domain(POSITIVE))
     limit: int | None = field(default=None, metadata=domain(COUNT))  # the first `limit` records
+
+
+@dataclass(frozen=True)
+class DataFields:
+    """Which column of the data holds each part of a record (default: LLM-Adapters / Alpaca)."""
+
+    instruction: str = "instruction"
+    input: str = "input"           # may be absent (= "") unless renamed here
+    output: str = "output"
+    answer: str = "answer"         # commonsense format only
 
 
 @dataclass(frozen=True)
@@ -107,6 +123,7 @@ class DataConfig:
     # records held out of the training mixture for validation
     val_size: int = field(default=0, metadata=domain(NON_NEGATIVE))
     format: str = field(default="auto", metadata=_choices("auto", "alpaca", "commonsense"))
+    fields: DataFields = field(default_factory=DataFields)
     # alpaca: tloen/alpaca-lora's text; llm-adapters: LLM-Adapters' finetune.py string byte for
     # byte (16-space indents, trailing spaces); chat: the tokenizer's chat template
     template: str = field(default="alpaca", metadata=_choices("alpaca", "llm-adapters", "chat"))
@@ -114,16 +131,22 @@ class DataConfig:
     add_eos: bool = True
     cutoff_len: int = field(default=256, metadata=domain(COUNT))
     buckets: list[int] = field(default_factory=lambda: [64, 128, 256], metadata=domain(COUNT))
+    # several examples per row of the largest bucket (segment ids keep them apart); with it
+    # train.batch_size counts rows, and the step compiles once
+    packing: bool = True
     seed: int = field(default=42, metadata=domain(NON_NEGATIVE))  # shuffling, mixing, val split
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = field(default=1000, metadata=domain(COUNT))
-    batch_size: int = field(default=32, metadata=domain(COUNT))  # global examples per step
+    # global rows per optimizer step (one example each unless packing)
+    batch_size: int = field(default=32, metadata=domain(COUNT))
     # micro-batches per step (batch_size / grad_accum each)
     grad_accum: int = field(default=1, metadata=domain(COUNT))
     lr: float = field(default=2e-4, metadata=domain(POSITIVE))
+    # MoKA gates' lr = lr x this (1.0 until bench/gate_lr_sweep.py is run)
+    gate_lr_mult: float = field(default=1.0, metadata=domain(POSITIVE))
     warmup_steps: int = field(default=100, metadata=domain(NON_NEGATIVE))
     schedule: str = field(default="cosine", metadata=_choices("cosine", "linear", "constant"))
     # end of the cosine / linear decay, as a fraction of lr
@@ -179,7 +202,15 @@ class Config:
 # ----------------------------------------------------------------------------- dict <-> tree
 
 
+def _is_dataset(obj) -> bool:
+    """An in-memory datasets.Dataset (checked without importing datasets)."""
+    ds = sys.modules.get("datasets")
+    return ds is not None and isinstance(obj, ds.Dataset)
+
+
 def _to_dict(obj):
+    if _is_dataset(obj):  # stands for its data in run fingerprints; not reloadable from YAML
+        return f"<datasets.Dataset {obj._fingerprint}>"
     if isinstance(obj, AdapterSection):
         options = {k: _to_dict(v) for k, v in dataclasses.asdict(obj.config).items() if k != "kind"}
         return {"kind": obj.kind, "targets": obj.targets, **options}
@@ -278,7 +309,7 @@ def _convert(hint, value, key, sources):
                 pass
         bad()
     if dataclasses.is_dataclass(hint):
-        if hint is DataFile and isinstance(value, str):
+        if hint is DataFile and (isinstance(value, str) or _is_dataset(value)):
             value = {"path": value}
         return _build(hint, value, key, sources)
     if typing.get_origin(hint) is list:
@@ -317,6 +348,9 @@ def _build(cls, d, prefix, sources):
         if cls is Config and f.name == "adapter":
             kwargs[f.name] = _build_adapter(d[f.name], sources)
             continue
+        if cls is DataFile and f.name == "path" and _is_dataset(d[f.name]):
+            kwargs[f.name] = d[f.name]
+            continue
         value = _convert(hints[f.name], d[f.name], key, sources)
         _check_domain(sources, key, value, f)
         kwargs[f.name] = value
@@ -342,7 +376,8 @@ def _build_adapter(d, sources):
         hint = f"; did you mean '{close[0]}'?" if close else ""
         _error(sources, "adapter.kind",
                f"adapter.kind = {kind!r}, expected one of {sorted(ADAPTER_CONFIGS)}{hint}")
-    targets = _convert(str, d.pop("targets", DEFAULT_TARGETS), "adapter.targets", sources)
+    targets = _convert(str | list[str], d.pop("targets", DEFAULT_TARGETS), "adapter.targets",
+                       sources)
     cls = ADAPTER_CONFIGS[kind]
     names = [n for n in _field_names(cls) if n != "kind"]
     for k in d:
@@ -399,10 +434,18 @@ def _check(cfg: Config, sources: _Sources):
             fail("model.tiny.vocab", f"model.tiny.vocab = {t.vocab} is smaller than the byte "
                  f"tokenizer's {BYTE_VOCAB_SIZE} ids")
 
-    try:
-        re.compile(cfg.adapter.targets)
-    except re.error as e:
-        fail("adapter.targets", f"adapter.targets = {cfg.adapter.targets!r} is not a valid regex: {e}")
+    if isinstance(cfg.adapter.targets, str):
+        try:
+            re.compile(cfg.adapter.targets)
+        except re.error as e:
+            fail("adapter.targets", f"adapter.targets = {cfg.adapter.targets!r} is not a valid "
+                 f"regex: {e}")
+    else:
+        from moka_jax.nn import target_matcher
+        try:
+            target_matcher(cfg.adapter.targets)
+        except ValueError as e:
+            fail("adapter.targets", f"adapter.targets: {e}")
 
     d = cfg.data
     if not d.train:
@@ -417,6 +460,16 @@ def _check(cfg: Config, sources: _Sources):
     if d.cutoff_len > d.buckets[-1]:
         fail("data.cutoff_len", f"data.cutoff_len = {d.cutoff_len} is larger than the largest bucket "
              f"{d.buckets[-1]} (data.buckets = {d.buckets}); add a bucket >= {d.cutoff_len} or lower it")
+    columns = {}
+    for part in ("instruction", "input", "output", "answer"):
+        col = getattr(d.fields, part)
+        if not col:
+            fail(f"data.fields.{part}", f"data.fields.{part} is empty; name the column that "
+                 f"holds the {part}")
+        if part != "answer" and col in columns:
+            fail(f"data.fields.{part}", f"data.fields.{part} and data.fields.{columns[col]} "
+                 f"both read column {col!r}; give each part its own column")
+        columns.setdefault(col, part)
 
     t = cfg.train
     if t.warmup_steps > t.steps:
@@ -474,13 +527,21 @@ def resolve_path(path: str) -> Path:
     return REPO_ROOT / p if (REPO_ROOT / p).exists() else p
 
 
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet")  # or a Dataset.save_to_disk directory
+
+
 def _check_data_files(cfg: Config, sources: _Sources):
     for split in ("train", "val"):
         for i, f in enumerate(getattr(cfg.data, split)):
-            if not resolve_path(f.path).is_file():
-                key = f"data.{split}[{i}].path"
+            if _is_dataset(f.path):
+                continue
+            p, key = resolve_path(f.path), f"data.{split}[{i}].path"
+            if not (p.is_file() or p.is_dir()):
                 _error(sources, key, f"{key}: file not found: {f.path!r} "
                        f"(looked in {Path.cwd()} and {REPO_ROOT})")
+            if p.is_file() and p.suffix not in DATA_SUFFIXES:
+                _error(sources, key, f"{key}: {f.path!r} is not a data file moka-jax reads; "
+                       f"use {' / '.join(DATA_SUFFIXES)} or a Dataset.save_to_disk directory")
 
 
 def validate(cfg: Config, num_devices: int | None = None) -> Config:
@@ -643,7 +704,8 @@ def dump_config(cfg: Config) -> str:
 
 
 __all__ = [
-    "AdapterSection", "Config", "ConfigError", "DataConfig", "DataFile", "DistributedConfig",
+    "AdapterSection", "Config", "ConfigError", "DataConfig", "DataFields", "DataFile",
+    "DistributedConfig",
     "MeshConfig", "ModelConfig", "TinyModelConfig", "TrainConfig", "add_config_args",
     "config_from_dict", "dump_config", "load_config", "parse_value", "resolve_mesh",
     "resolve_path", "validate",

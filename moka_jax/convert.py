@@ -179,7 +179,7 @@ def frozen_nbytes(model) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m moka_jax.convert", description=__doc__,
+    ap = argparse.ArgumentParser(prog="moka-convert", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", help="Hugging Face directory, or `smollm2`")
     ap.add_argument("dst")

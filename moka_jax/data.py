@@ -1,4 +1,4 @@
-"""Instruction data: local JSON / JSONL files -> prompts -> token ids -> bucketed batches.
+"""Instruction data: JSON / JSONL / Parquet / `datasets` sources -> prompts -> token ids -> batches.
 
     tok = load_tokenizer("smollm2")                      # or "bytes", or a HF directory
     train, val = build_datasets(cfg.data, tok)
@@ -91,41 +91,19 @@ def _parse_file(path: Path) -> list:
     return out
 
 
-def load_records(path, format: str = "auto", limit: int | None = None) -> tuple[list[dict], str]:
-    """Records {instruction, input, output[, answer]} of one file, and its format.
+def load_records(path, format: str = "auto", limit: int | None = None,
+                 fields=None) -> tuple[list[dict], str]:
+    """Records {instruction, input, output[, answer]} of one source, and its format.
 
-    format "auto": "commonsense" when every record has `answer`, else "alpaca".
-    `input` may be missing (= ""). limit: keep the first `limit` records.
+    path: a .json / .jsonl / .parquet file, a Dataset.save_to_disk directory or a
+    datasets.Dataset (loaded through `datasets`, see datasets_io). format "auto":
+    "commonsense" when every record has `answer`, else "alpaca". `input` may be missing
+    (= ""). limit: keep the first `limit` records. fields: a config.DataFields naming the
+    columns (default: the parts' own names).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    items = _parse_file(path)
-    if limit is not None:
-        items = items[:limit]
-    if not items:
-        raise DataError(f"{path}: no records")
-    for where, r in items:
-        if not isinstance(r, dict):
-            raise DataError(f"{path}: {where}: expected an object, got {type(r).__name__}")
-    if format == "auto":
-        format = "commonsense" if all("answer" in r for _, r in items) else "alpaca"
-    if format not in FIELDS:
-        raise DataError(f"unknown data format {format!r}; choose one of {sorted(FIELDS)}")
-    records = []
-    for where, r in items:
-        for name in FIELDS[format]:
-            if name not in r:
-                raise DataError(f"{path}: {where}: missing field {name!r} ({format} format needs "
-                                f"{list(FIELDS[format])})")
-        rec = {"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]}
-        if format == "commonsense":
-            rec["answer"] = r["answer"]
-        for name, v in rec.items():
-            if not isinstance(v, str):
-                raise DataError(f"{path}: {where}: field {name!r} is {type(v).__name__}, expected a string")
-        records.append(rec)
-    return records, format
+    from moka_jax import datasets_io
+
+    return datasets_io.load_records(path, format, limit, fields)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -240,17 +218,16 @@ def tokenize(records: list[dict], tokenizer, *, template: str = "alpaca", cutoff
              train_on_inputs: bool = False, add_eos: bool = True) -> tuple[list, list]:
     """(input_ids, labels): lists of int32 arrays, one pair per record.
 
-    The full text is tokenised once (batched) and a token is a prompt token when it starts
-    inside the prompt's characters, so the mask follows the joint tokenisation exactly
-    (a slow tokenizer without offsets masks len(tokenize(prompt)) tokens instead).
-    As in LLM-Adapters: truncate to cutoff_len, then append EOS only if there is room.
+    The prompt tokens are exactly encode_prompts(prompt), what evaluation feeds the model
+    (see encode_pairs), so a trained model is asked its questions in the tokens it was
+    trained on. As in LLM-Adapters: truncate to cutoff_len, then append EOS only if there
+    is room.
     """
     pairs = render_chat(records, tokenizer) if template == "chat" else [
         render(r, template) for r in records]
     prompts = [p for p, _ in pairs]
     fulls = [f for _, f in pairs]
-    special = template != "chat"  # a chat template writes its own BOS
-    ids_list, prompt_lens = _encode(tokenizer, prompts, fulls, special)
+    ids_list, prompt_lens = encode_pairs(tokenizer, prompts, fulls, template)
     eos = tokenizer.eos_token_id
     ids_out, labels_out = [], []
     for ids, n_prompt, prompt, full in zip(ids_list, prompt_lens, prompts, fulls):
@@ -268,23 +245,33 @@ def tokenize(records: list[dict], tokenizer, *, template: str = "alpaca", cutoff
     return ids_out, labels_out
 
 
-def _encode(tokenizer, prompts, fulls, special):
-    """Token ids of `fulls` and, per text, how many leading tokens belong to the prompt."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and backend.truncation is None and backend.padding is None:
-        encs = backend.encode_batch(fulls, add_special_tokens=special)
-        return [e.ids for e in encs], [_prompt_tokens(e.offsets, len(p)) for e, p in zip(encs, prompts)]
-    ids = tokenizer(fulls, add_special_tokens=special)["input_ids"]
-    n_prompt = [len(x) for x in tokenizer(prompts, add_special_tokens=special)["input_ids"]]
-    return ids, n_prompt
+def encode_prompts(tokenizer, prompts: list[str], template: str = "alpaca") -> list[list[int]]:
+    """Token ids of rendered prompts, as training masks them and evaluation feeds them.
+
+    Special tokens (a BOS) are added except for the chat template, which writes its own.
+    """
+    return tokenizer(list(prompts), add_special_tokens=template != "chat")["input_ids"]
 
 
-def _prompt_tokens(offsets, prompt_chars: int) -> int:
-    """Index of the first real token (special tokens have empty spans) starting at or after
-    the prompt's last character; tokens straddling the boundary count as prompt."""
-    spans = np.asarray(offsets, np.int64).reshape(-1, 2)
-    response = np.flatnonzero((spans[:, 0] >= prompt_chars) & (spans[:, 1] > spans[:, 0]))
-    return int(response[0]) if len(response) else len(spans)
+def encode_pairs(tokenizer, prompts, fulls, template: str = "alpaca"):
+    """(ids of each full text, number of leading prompt tokens); ids start with the prompt's
+    own tokens, encode_prompts(prompt), always.
+
+    Where the joint tokenisation of prompt + response begins with the prompt's tokens (a clean
+    boundary: alpaca and chat on BPE tokenizers) the ids are the joint ones. Where a token
+    straddles the boundary (byte-level BPE merges the llm-adapters template's 16 trailing
+    spaces with the response's first word) no prompt could reproduce the joint tokens at
+    evaluation, so the response is tokenised on its own and appended instead.
+    """
+    prompt_ids = encode_prompts(tokenizer, prompts, template)
+    full_ids = tokenizer(list(fulls), add_special_tokens=template != "chat")["input_ids"]
+    out = []
+    for p_ids, f_ids, prompt, full in zip(prompt_ids, full_ids, prompts, fulls):
+        if list(f_ids[:len(p_ids)]) != list(p_ids):
+            tail = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+            f_ids = list(p_ids) + list(tail)
+        out.append(list(f_ids))
+    return out, [len(p) for p in prompt_ids]
 
 
 @dataclasses.dataclass
@@ -304,6 +291,12 @@ class TokenizedData:
     def lengths(self) -> np.ndarray:
         return np.fromiter((len(x) for x in self.input_ids), np.int64, len(self.input_ids))
 
+    @property
+    def label_counts(self) -> np.ndarray:
+        """Next-token targets each example scores (labelled tokens after the first)."""
+        return np.fromiter(((lab[1:] != IGNORE).sum() for lab in self.labels), np.int64,
+                           len(self.labels))
+
     def subset(self, idx) -> TokenizedData:
         idx = np.asarray(idx, np.int64)
         return TokenizedData([self.input_ids[i] for i in idx], [self.labels[i] for i in idx],
@@ -319,55 +312,58 @@ class TokenizedData:
                              files, weights)
 
 
-def drop_reasons(ids: list, labels: list, cutoff_len: int, add_eos: bool) -> dict[str, int]:
+def drop_reasons(lengths, labelled, cutoff_len: int, add_eos: bool) -> dict[str, int]:
     """{why: count} for the examples with no labelled token (nothing to learn from)."""
     reasons: dict[str, int] = {}
-    for x, lab in zip(ids, labels):
-        if (lab != IGNORE).any():
+    for n, has_label in zip(lengths, labelled):
+        if has_label:
             continue
-        why = (f"a prompt that fills data.cutoff_len = {cutoff_len}" if len(x) >= cutoff_len
+        why = (f"a prompt that fills data.cutoff_len = {cutoff_len}" if n >= cutoff_len
                else "an empty response" + ("" if add_eos else " and data.add_eos = false (no "
                                                               "EOS token to learn)"))
         reasons[why] = reasons.get(why, 0) + 1
     return reasons
 
 
+def all_dropped_error(where, n: int, dropped: dict[str, int]) -> DataError:
+    fixes = [f for why, f in (("fills data.cutoff_len", "raise data.cutoff_len"),
+                              ("add_eos = false", "set data.add_eos = true"),
+                              ("empty response", "give the records a non-empty output"))
+             if any(why in w for w in dropped)]
+    return DataError(f"{where}: all {n} examples removed, none has a response token to learn: "
+                     + "; ".join(f"{c} with {w}" for w, c in dropped.items())
+                     + f"; {' or '.join(dict.fromkeys(fixes))}")
+
+
 def tokenize_file(path, tokenizer, *, format: str = "auto", limit: int | None = None,
                   template: str = "alpaca", cutoff_len: int = 256, train_on_inputs: bool = False,
-                  add_eos: bool = True, report: list | None = None) -> TokenizedData:
-    """One file -> TokenizedData, dropping examples with no response token left after cutoff.
+                  add_eos: bool = True, fields=None, cache_dir=None,
+                  report: list | None = None) -> TokenizedData:
+    """One source (see load_records) -> TokenizedData, dropping examples with no response token
+    left after cutoff; tokenised by a cached datasets `.map` (datasets_io.tokenize_source).
+    report: if given, {"file", "records", "kept", "dropped": {why: count}} is appended."""
+    from moka_jax import datasets_io
 
-    report: if given, {"file", "records", "kept", "dropped": {why: count}} is appended.
-    """
-    records, _ = load_records(path, format, limit)
-    ids, labels = tokenize(records, tokenizer, template=template, cutoff_len=cutoff_len,
-                           train_on_inputs=train_on_inputs, add_eos=add_eos)
-    keep = [i for i, lab in enumerate(labels) if (lab != IGNORE).any()]
-    dropped = drop_reasons(ids, labels, cutoff_len, add_eos)
-    if not keep:
-        fixes = [f for why, f in (("fills data.cutoff_len", "raise data.cutoff_len"),
-                                  ("add_eos = false", "set data.add_eos = true"),
-                                  ("empty response", "give the records a non-empty output"))
-                 if any(why in w for w in dropped)]
-        raise DataError(f"{path}: all {len(records)} examples removed, none has a response "
-                        "token to learn: " + "; ".join(f"{n} with {w}" for w, n in dropped.items())
-                        + f"; {' or '.join(dict.fromkeys(fixes))}")
-    if report is not None:
-        report.append({"file": str(path), "records": len(records), "kept": len(keep),
-                       "dropped": dropped})
-    return TokenizedData([ids[i] for i in keep], [labels[i] for i in keep],
-                         np.zeros(len(keep), np.int64), [str(path)])
+    return datasets_io.tokenize_source(
+        path, tokenizer, format=format, limit=limit, template=template, cutoff_len=cutoff_len,
+        train_on_inputs=train_on_inputs, add_eos=add_eos, fields=fields, cache_dir=cache_dir,
+        report=report)
 
 
 def build_datasets(data_cfg, tokenizer, report: list | None = None
                    ) -> tuple[TokenizedData, TokenizedData | None]:
     """(train, val) from a config.DataConfig: per-file limits, mixing weights, held-out split.
-    report: collects tokenize_file's per-file counts (train files first, then val files)."""
+    Every source is loaded and its columns checked before anything is compiled.
+    report: collects tokenize_file's per-source counts (train sources first, then val)."""
+    from moka_jax.datasets_io import is_dataset
+
     kw = dict(format=data_cfg.format, template=data_cfg.template, cutoff_len=data_cfg.cutoff_len,
-              train_on_inputs=data_cfg.train_on_inputs, add_eos=data_cfg.add_eos, report=report)
+              train_on_inputs=data_cfg.train_on_inputs, add_eos=data_cfg.add_eos,
+              fields=data_cfg.fields, report=report)
 
     def load(files):
-        return [tokenize_file(resolve_path(f.path), tokenizer, limit=f.limit, **kw) for f in files]
+        return [tokenize_file(f.path if is_dataset(f.path) else resolve_path(f.path), tokenizer,
+                              limit=f.limit, **kw) for f in files]
 
     weights = [f.weight for f in data_cfg.train]
     train = TokenizedData.concat(load(data_cfg.train), None if None in weights else weights)
@@ -396,49 +392,154 @@ def bucket_index(lengths, buckets) -> np.ndarray:
 
 
 def collate(data: TokenizedData, idx, buckets, pad_id: int = 0, rows: slice | None = None) -> dict:
-    """Pad examples `idx` on the right to the smallest bucket holding the longest of them."""
+    """Pad examples `idx` on the right (one per row) to the smallest bucket holding the longest."""
     lengths = np.array([len(data.input_ids[i]) for i in idx])
     T = int(buckets[bucket_index([lengths.max()], buckets)[0]])
     idx = list(idx)[rows] if rows is not None else list(idx)
-    B = len(idx)
-    input_ids = np.full((B, T), pad_id, np.int32)
-    attention_mask = np.zeros((B, T), np.int32)
-    labels = np.full((B, T), IGNORE, np.int32)
-    for r, i in enumerate(idx):
-        n = len(data.input_ids[i])
-        input_ids[r, :n] = data.input_ids[i]
-        attention_mask[r, :n] = 1
-        labels[r, :n] = data.labels[i]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return collate_rows(data, [[i] for i in idx], T, pad_id)
+
+
+def collate_rows(data: TokenizedData, rows: list, T: int, pad_id: int = 0) -> dict:
+    """Rows of (T,) tokens, each holding the examples `rows[r]` back to back, then padding.
+
+    input_ids, labels (HF convention, unshifted), attention_mask (1 on real tokens),
+    segment_ids (1, 2, ... per example in a row; 0 on padding) and positions (restarting at
+    0 for every example, so RoPE sees each example as if it were alone).
+    """
+    B = len(rows)
+    out = {"input_ids": np.full((B, T), pad_id, np.int32),
+           "attention_mask": np.zeros((B, T), np.int32),
+           "labels": np.full((B, T), IGNORE, np.int32),
+           "segment_ids": np.zeros((B, T), np.int32),
+           "positions": np.zeros((B, T), np.int32)}
+    for r, members in enumerate(rows):
+        at = 0
+        for s, i in enumerate(members, 1):
+            n = len(data.input_ids[i])
+            if at + n > T:
+                raise DataError(f"row {r}: examples of {at + n} tokens do not fit in {T}")
+            sl = slice(at, at + n)
+            out["input_ids"][r, sl] = data.input_ids[i]
+            out["labels"][r, sl] = data.labels[i]
+            out["segment_ids"][r, sl] = s
+            out["positions"][r, sl] = np.arange(n)
+            at += n
+        out["attention_mask"][r, :at] = 1
+    return out
+
+
+def next_token_targets(labels_BT, segment_ids_BT) -> np.ndarray:
+    """(B, T) target predicted *at* each position: the next token's label when it belongs to
+    the same example, else IGNORE (so no example predicts its neighbour's first token)."""
+    tgt = np.full(labels_BT.shape, IGNORE, np.int32)
+    same = (segment_ids_BT[:, 1:] == segment_ids_BT[:, :-1]) & (segment_ids_BT[:, :-1] > 0)
+    tgt[:, :-1] = np.where(same, labels_BT[:, 1:], IGNORE)
+    return tgt
+
+
+def label_slots(batch: dict, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """(loss_pos, loss_tgt), each (B, capacity) int32: per row the positions whose next-token
+    prediction is scored and their targets (IGNORE-filled), so the train step applies the
+    lm_head to these hidden states only and the (B, T, V) logits never exist."""
+    tgt_BT = next_token_targets(batch["labels"], batch["segment_ids"])
+    B = tgt_BT.shape[0]
+    pos = np.zeros((B, capacity), np.int32)
+    tgt = np.full((B, capacity), IGNORE, np.int32)
+    for r in range(B):
+        p = np.flatnonzero(tgt_BT[r] != IGNORE)
+        if len(p) > capacity:
+            raise DataError(f"row {r} has {len(p)} labelled tokens, over the capacity {capacity}")
+        pos[r, :len(p)], tgt[r, :len(p)] = p, tgt_BT[r, p]
+    return pos, tgt
+
+
+def with_label_slots(batch: dict, capacity: int | None = None) -> dict:
+    """The batch plus loss_pos / loss_tgt; capacity defaults to its own busiest row."""
+    if capacity is None:
+        capacity = round_capacity(int(labelled_per_row(batch).max()))
+    pos, tgt = label_slots(batch, capacity)
+    return {**batch, "loss_pos": pos, "loss_tgt": tgt}
+
+
+def labelled_per_row(batch: dict) -> np.ndarray:
+    return (next_token_targets(batch["labels"], batch["segment_ids"]) != IGNORE).sum(1)
+
+
+def round_capacity(n: int, multiple: int = 16) -> int:
+    return max(multiple, -(-int(n) // multiple) * multiple)
+
+
+def pack_rows(order, lengths, row_len: int, rows_per_batch: int,
+              window: int = 4) -> list[list[list[int]]]:
+    """Pack `order` into batches of `rows_per_batch` rows of `row_len` tokens, deterministically.
+
+    First fit over a pool of up to `window` x rows_per_batch open rows, in the given order;
+    when an example fits no open row and the pool is full, the rows_per_batch fullest rows
+    leave as a batch. A wider pool fills rows better at the cost of moving examples a few
+    batches from their shuffled place. At the end the pool empties in batches, the last one
+    completed with empty rows, so an epoch sees every example exactly once.
+    """
+    batches, rows, free = [], [], []
+    cap = window * rows_per_batch
+
+    def emit(k):
+        keep = sorted(sorted(range(len(rows)), key=lambda j: free[j])[:k])
+        batches.append([rows[j] for j in keep] + [[] for _ in range(rows_per_batch - len(keep))])
+        for j in reversed(keep):
+            del rows[j], free[j]
+
+    for i in order:
+        n = int(lengths[i])
+        r = next((k for k, f in enumerate(free) if f >= n), None)
+        if r is None:
+            if len(rows) == cap:
+                emit(rows_per_batch)
+            rows.append([])
+            free.append(row_len)
+            r = len(rows) - 1
+        rows[r].append(int(i))
+        free[r] -= n
+    while rows:
+        emit(min(rows_per_batch, len(rows)))
+    return batches
 
 
 class BatchIterator:
-    """Endless, deterministic, resumable batches of `batch_size` (global) examples.
+    """Endless, deterministic, resumable batches of `batch_size` (global) rows.
 
-    Epoch e: draw the epoch's examples (mixing weights, if any), shuffle them with
-    default_rng([seed, e]), then fill one pending batch per bucket in that order, emitting a
-    batch whenever one is full. Leftovers are carried up into the next bucket; fewer than
-    batch_size examples are dropped per epoch. The plan depends only on (seed, epoch), so
-    `state()` = (epoch, position) restores exactly the same remaining batches.
+    Epoch e draws the epoch's examples (mixing weights, if any) and shuffles them with
+    default_rng([seed, e]). Unpacked: one example per row; one pending batch per bucket is
+    filled in that order and emitted when full (leftovers carry up into the next bucket,
+    fewer than batch_size examples are dropped per epoch). Packed (`packing=True`): examples
+    are packed in order, first fit, several per row, into rows of the largest bucket, so every
+    batch has one shape (one compile) and little padding; batch_size then counts rows. The plan
+    depends only on (seed, epoch), so `state()` = (epoch, position) restores exactly the same
+    remaining batches.
+
+    Each batch also carries `loss_pos` / `loss_tgt` (see `label_slots`) with a static per-row
+    capacity per row length, derived from the first epochs' plans; a batch over it raises the
+    capacity (one more compile) rather than dropping a label.
 
     process_index / process_count: yield only this host's rows of each global batch.
     """
 
     def __init__(self, data: TokenizedData, batch_size: int, buckets, *, seed: int = 0,
-                 pad_id: int = 0, shuffle: bool = True, process_index: int = 0,
-                 process_count: int = 1):
+                 pad_id: int = 0, shuffle: bool = True, packing: bool = False,
+                 process_index: int = 0, process_count: int = 1):
         if batch_size % process_count:
             raise DataError(f"batch_size {batch_size} does not divide by {process_count} processes")
         self.data, self.batch_size, self.buckets = data, batch_size, list(buckets)
-        self.seed, self.pad_id, self.shuffle = int(seed), pad_id, shuffle
+        self.seed, self.pad_id, self.shuffle, self.packing = int(seed), pad_id, shuffle, packing
         local = batch_size // process_count
         self.rows = slice(process_index * local, (process_index + 1) * local)
-        self._bucket = bucket_index(data.lengths, self.buckets)
+        self._lengths = data.lengths
+        self._bucket = bucket_index(self._lengths, self.buckets)
         self.epoch, self.position = 0, 0
         self._plan_epoch, self._plan = None, None
         if not self.plan(0):
             raise DataError(f"{len(data)} examples (after filtering and the val split) make no "
                             f"batch of {batch_size}; lower train.batch_size or add data")
+        self.capacity = self._initial_capacity()
 
     def _pool(self, rng) -> np.ndarray:
         """The epoch's example indices: all of them, or a weighted draw per file."""
@@ -453,14 +554,25 @@ class BatchIterator:
             parts.append(np.concatenate([rng.permutation(members) for _ in range(reps)])[:quota])
         return np.concatenate(parts)
 
-    def plan(self, epoch: int) -> list[np.ndarray]:
-        """The batches (example index arrays) of `epoch`, in order."""
+    def plan(self, epoch: int) -> list[tuple[int, list]]:
+        """The batches of `epoch`, in order: (row length T, rows of example indices)."""
         if self._plan_epoch == epoch:
             return self._plan
         rng = np.random.default_rng([self.seed, epoch])
         order = self._pool(rng)
         if self.shuffle:
             order = rng.permutation(order)
+        if self.packing:
+            T = self.buckets[-1]
+            batches = [(T, rows) for rows in
+                       pack_rows(order, self._lengths, T, self.batch_size)]
+        else:
+            batches = [(int(self.buckets[self._bucket[idx].max()]), [[int(i)] for i in idx])
+                       for idx in self._bucket_batches(order)]
+        self._plan_epoch, self._plan = epoch, batches
+        return batches
+
+    def _bucket_batches(self, order) -> list[np.ndarray]:
         B, batches = self.batch_size, []
         pending = [[] for _ in self.buckets]
         for i in order:
@@ -475,8 +587,18 @@ class BatchIterator:
             while len(carry) >= B:
                 batches.append(np.array(carry[:B]))
                 carry = carry[B:]
-        self._plan_epoch, self._plan = epoch, batches
         return batches
+
+    def _initial_capacity(self, epochs: int = 3) -> dict[int, int]:
+        """Per row length, labelled tokens a row may hold: the most in the first epochs' plans."""
+        n_lab = self.data.label_counts
+        cap: dict[int, int] = {}
+        for e in range(epochs):
+            for T, rows in self.plan(e):
+                most = max(int(n_lab[r].sum()) if r else 0 for r in rows)
+                cap[T] = max(cap.get(T, 0), most)
+        self._plan_epoch = None  # re-plan the current epoch lazily
+        return {T: round_capacity(c) for T, c in cap.items()}
 
     @property
     def steps_per_epoch(self) -> int:
@@ -490,9 +612,18 @@ class BatchIterator:
         if self.position >= len(plan):
             self.epoch, self.position = self.epoch + 1, 0
             plan = self.plan(self.epoch)
-        idx = plan[self.position]
+        T, rows = plan[self.position]
         self.position += 1
-        return collate(self.data, idx, self.buckets, self.pad_id, self.rows)
+        batch = collate_rows(self.data, rows, T, self.pad_id)
+        most = int(labelled_per_row(batch).max())
+        if most > self.capacity.get(T, 0):
+            new = round_capacity(most)
+            log.warning("a batch has a row with %d labelled tokens, over the capacity %d of "
+                        "rows of %d: raising it to %d (one more compile)", most,
+                        self.capacity.get(T, 0), T, new)
+            self.capacity[T] = new
+        batch = with_label_slots(batch, self.capacity[T])
+        return {k: v[self.rows] for k, v in batch.items()}
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
@@ -505,26 +636,24 @@ class BatchIterator:
 
 def eval_batches(data: TokenizedData, batch_size: int, buckets, pad_id: int = 0):
     """Every example once, in file order grouped by bucket; the last batch of a bucket is
-    filled with empty rows (attention_mask 0, labels -100) so shapes stay (batch_size, T)."""
+    filled with empty rows (no tokens, no labels) so shapes stay (batch_size, T). Label slots
+    hold the most labelled tokens of any example, so one shape serves each bucket."""
     bucket = bucket_index(data.lengths, buckets)
+    capacity = round_capacity(int(data.label_counts.max()))
     for b in range(len(buckets)):
         members = np.flatnonzero(bucket == b)
         for start in range(0, len(members), batch_size):
-            idx = members[start:start + batch_size]
-            batch = collate(data, idx, buckets, pad_id)
-            missing = batch_size - len(idx)
-            if missing:
-                T = batch["input_ids"].shape[1]
-                fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE}
-                batch = {k: np.concatenate([v, np.full((missing, T), fill[k], np.int32)])
-                         for k, v in batch.items()}
-            yield batch
+            idx = [int(i) for i in members[start:start + batch_size]]
+            rows = [[i] for i in idx] + [[] for _ in range(batch_size - len(idx))]
+            yield with_label_slots(collate_rows(data, rows, int(buckets[b]), pad_id), capacity)
 
 
 __all__ = [
     "ALPACA_PROMPT_INPUT", "ALPACA_PROMPT_NO_INPUT", "BatchIterator", "DataError", "IGNORE",
     "LLM_ADAPTERS_PROMPT_INPUT", "LLM_ADAPTERS_PROMPT_NO_INPUT", "TEMPLATES", "TokenizedData",
     "alpaca_prompt", "bucket_index", "build_datasets", "byte_tokenizer", "collate",
-    "eval_batches", "load_records", "load_tokenizer", "pad_id", "render", "render_chat",
+    "collate_rows", "encode_pairs", "encode_prompts", "eval_batches", "label_slots",
+    "load_records", "load_tokenizer", "next_token_targets", "pack_rows", "pad_id", "render",
+    "render_chat", "with_label_slots",
     "tokenize", "tokenize_file",
 ]

@@ -300,7 +300,7 @@ def answer(model, config, tokenizer, prompts, *, chat: bool = True, **kw) -> lis
 
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    ap = argparse.ArgumentParser(prog="python -m moka_jax.generate", description=__doc__,
+    ap = argparse.ArgumentParser(prog="moka-generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help="smollm2 | HF directory | converted directory")
     ap.add_argument("--prompt", action="append", required=True, help="repeat for a batch")

@@ -1,4 +1,4 @@
-"""Linear = frozen base (dense or 4-bit) + optional adapter; attaching adapters by regex."""
+"""Linear = frozen base (dense or 4-bit) + optional adapter; attaching adapters by regex or names."""
 
 from __future__ import annotations
 
@@ -117,12 +117,93 @@ def linear_paths(model) -> list[tuple[str, Linear]]:
             if isinstance(node, Linear)]
 
 
-def attach_adapters(model, config, targets: str = DEFAULT_TARGETS, *, rngs: nnx.Rngs,
-                    replace: bool = False):
-    """Attach config.build(...) to every Linear whose path matches `targets` (re.search).
+def target_matcher(targets):
+    """A predicate on layer paths: a regex (re.search) or a list of module names.
 
-    Returns the matched paths. A pattern that matches nothing is an error, never a no-op;
-    so is a layer that already has an adapter, unless replace=True.
+    A name matches the path's last component (`q_proj`), as PEFT's `target_modules` list does;
+    a name with slashes (`attn/q_proj`) matches the path's trailing components.
+    """
+    if isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise ValueError(f"target regex {targets!r} is invalid: {e}") from None
+        return lambda path: pattern.search(path) is not None
+    if not isinstance(targets, list | tuple) or not targets or \
+            not all(isinstance(t, str) and t.strip("/") for t in targets):
+        raise ValueError(f"targets {targets!r}: give a regex string or a non-empty list of "
+                         "module names such as ['q_proj', 'v_proj']")
+    dotted = [t for t in targets if "." in t]
+    if dotted:
+        raise ValueError(f"targets {dotted}: module names here are path components; write "
+                         f"{[t.rsplit('.', 1)[-1] for t in dotted]} (the last name), or "
+                         "'attn/q_proj' for several")
+    names = tuple(t.strip("/") for t in targets)
+    return lambda path: any(path == n or path.endswith("/" + n) for n in names)
+
+
+def _describe(targets) -> str:
+    return f"target regex {targets!r}" if isinstance(targets, str) else f"targets {list(targets)}"
+
+
+def _nnx_linears(model) -> list[tuple[tuple, nnx.Linear]]:
+    return [(path, node) for path, node in nnx.iter_graph(model)
+            if isinstance(node, nnx.Linear) and path]
+
+
+def _frozen_from_nnx(layer: nnx.Linear, name: str) -> Linear:
+    """Our Linear holding the nnx.Linear's kernel and bias as FrozenWeight (same math)."""
+    if layer.precision is not None or layer.dot_general is not jax.lax.dot_general \
+            or layer.preferred_element_type is not None:
+        raise ValueError(f"layer '{name}': an nnx.Linear with a custom precision, dot_general "
+                         "or preferred_element_type cannot be adapted (the frozen copy would "
+                         "compute differently)")
+    kernel = layer.kernel.get_value()  # (in, out)
+    bias = None if layer.bias is None else layer.bias.get_value()
+    return Linear(layer.in_features, layer.out_features, use_bias=bias is not None,
+                  weight=kernel.T, bias=bias, dtype=layer.dtype, param_dtype=kernel.dtype,
+                  name=name)
+
+
+def _child(parent, key):
+    return parent[key] if isinstance(key, int) or isinstance(parent, dict) else getattr(parent, key)
+
+
+def _set_child(parent, key, value):
+    if isinstance(key, int) or isinstance(parent, dict):
+        parent[key] = value
+    else:
+        setattr(parent, key, value)
+
+
+def _freeze_nnx_linears(model, match) -> None:
+    """Replace every matching plain nnx.Linear by a frozen Linear (kernel no longer a Param)."""
+    for path, layer in _nnx_linears(model):
+        name = "/".join(map(str, path))
+        if match(name):
+            parent = model
+            for key in path[:-1]:
+                parent = _child(parent, key)
+            _set_child(parent, path[-1], _frozen_from_nnx(layer, name))
+
+
+def module_names(model) -> list[str]:
+    """The distinct last path components of the linear layers (the Hugging Face names)."""
+    paths = [p for p, _ in linear_paths(model)]
+    paths += ["/".join(map(str, p)) for p, _ in _nnx_linears(model)]
+    return sorted({p.rsplit("/", 1)[-1] for p in paths})
+
+
+def attach_adapters(model, config, targets=DEFAULT_TARGETS, *, rngs: nnx.Rngs,
+                    replace: bool = False):
+    """Attach config.build(...) to every linear layer whose path matches `targets`.
+
+    targets: a regex searched in each path (`layers/0/attn/q_proj`) or, as PEFT's
+    target_modules, a list of module names matched on the last component (['q_proj', 'v_proj']).
+    Plain flax.nnx.Linear layers of any NNX model are adapted too: each matching one becomes a
+    moka_jax Linear with the same kernel and bias, frozen (FrozenWeight, not an nnx.Param).
+    Returns the matched paths. Targets that match nothing are an error, never a no-op; so is a
+    layer that already has an adapter, unless replace=True.
     """
     if not hasattr(config, "build"):
         raise TypeError(f"config = {config!r}: expected an adapter config (MoKAConfig, "
@@ -130,22 +211,25 @@ def attach_adapters(model, config, targets: str = DEFAULT_TARGETS, *, rngs: nnx.
     if not isinstance(targets, str | list | tuple):
         raise TypeError(f"targets = {targets!r} ({type(targets).__name__}): expected a regex "
                         "string or a list of module names")
-    try:
-        pattern = re.compile(targets)
-    except re.error as e:
-        raise ValueError(f"target regex {targets!r} is invalid: {e}") from None
+    match = target_matcher(targets)
+    if not linear_paths(model) and not _nnx_linears(model):
+        raise ValueError(f"{_describe(targets)}: the model has no Linear or nnx.Linear layers")
+    _freeze_nnx_linears(model, match)
     layers = linear_paths(model)
-    matched = [(p, m) for p, m in layers if pattern.search(p)]
+    matched = [(p, m) for p, m in layers if match(p)]
     if not matched:
-        sample = ", ".join(p for p, _ in layers[:8]) or "(the model has no Linear layers)"
-        raise ValueError(f"target regex {targets!r} matches no Linear layer; paths look like: "
-                         f"{sample}")
+        sample = ", ".join(p for p, _ in layers[:8])
+        raise ValueError(f"{_describe(targets)} matches no Linear layer; paths look like: "
+                         f"{sample}; the module names are {module_names(model)}")
     taken = [p for p, m in matched if m.adapter is not None]
     if taken and not replace:
         raise ValueError(f"{len(taken)} matched layer(s) already have an adapter ({taken[:3]}"
                          f"{' ...' if len(taken) > 3 else ''}); pass replace=True to replace them")
     for path, layer in matched:
         layer.adapter = config.build(layer, path, rngs)
+    # Recorded on the model so save_adapter / summary know what was attached (static data).
+    spec = (config, targets if isinstance(targets, str) else tuple(targets))
+    model.moka_adapters = tuple(getattr(model, "moka_adapters", ())) + (spec,)
     return [p for p, _ in matched]
 
 

@@ -66,6 +66,10 @@ def dict_diff(old, new, old_name: str = "existing", new_name: str = "this run",
     return out
 
 
+def _holds_data(p: Path) -> bool:
+    return not p.is_dir() or any(not q.is_dir() for q in p.rglob("*"))
+
+
 def check_not_input(path, inputs, what: str = "output") -> Path:
     """OutputError when `path` is one of `inputs` or a directory above one."""
     out = _resolve(path)
@@ -98,8 +102,9 @@ def check_output(path, *, command: str, inputs=(), overwrite: bool = False, owne
     if p.exists() and not p.is_dir():
         raise OutputError(f"{path} is a file, but {command} writes a directory there; choose "
                           "another output path")
-    entries = sorted(e.name for e in p.iterdir()) if p.is_dir() else []
-    content = [e for e in entries if e != MARKER]
+    # Empty sub-directories (a run that stopped before writing anything) hold nothing to lose.
+    content = sorted(e.name for e in p.iterdir() if e.name != MARKER and _holds_data(e)) \
+        if p.is_dir() else []
     if not content:
         return "new"
     marker = read_marker(p)

@@ -8,6 +8,7 @@ width p; its factor C is (ceil(m / k), p) with k = ceil(n / p).
 
 from __future__ import annotations
 
+import functools
 import math
 
 from moka_jax.domains import COUNT, check
@@ -95,13 +96,57 @@ def _candidates(m: int, n: int) -> list[KronShape]:
     return cands
 
 
+def lokr_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """peft.tuners.lokr.layer.factorization (peft 0.21.2), rewritten so nothing needs peft.
+
+    A factor dividing the dimension is used as is; otherwise the split climbs the divisors
+    while the smaller part stays <= factor (-1: no cap), and is returned smaller part first.
+    """
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    if factor == -1:
+        factor = dimension
+    m, n = 1, dimension
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m != 0:
+            new_m += 1
+        if new_m + dimension // new_m > 1 + dimension or new_m > factor:
+            break
+        m, n = new_m, dimension // new_m
+    return (n, m) if m > n else (m, n)
+
+
+def lokr_shape(m: int, n: int, factor: int) -> KronShape:
+    """The (w1, w2) shapes PEFT LoKr builds for an (m, n) = (out, in) weight."""
+    (ma, mb), (na, nb) = lokr_factorization(m, factor), lokr_factorization(n, factor)
+    return ((ma, na), (mb, nb))
+
+
+@functools.lru_cache(maxsize=64)
+def lokr_factors_by_shape(m: int, n: int) -> dict[KronShape, tuple[int, ...]]:
+    """Every shape PEFT LoKr can build for an (m, n) weight -> the decompose_factors that do.
+
+    These are exactly the MoKA components a PEFT LoKr adapter expresses (always exact splits).
+    """
+    out: dict[KronShape, list[int]] = {}
+    for f in (-1, *range(1, max(m, n) + 1)):
+        out.setdefault(lokr_shape(m, n, f), []).append(f)
+    return {s: tuple(fs) for s, fs in out.items()}
+
+
 def min_moka_params(m: int, n: int) -> int:
     """Parameters of the cheapest valid component for an (m, n) weight."""
     return min(moka_params(s) for s in _candidates(m, n))
 
 
-def plan_moka_shapes(m: int, n: int, r: int, budget: int | None = None, layer: str = ""):
+def plan_moka_shapes(m: int, n: int, r: int, budget: int | None = None, layer: str = "",
+                     exact: bool = False):
     """r diverse, valid component shapes for an (m, n) weight with total params <= budget.
+
+    exact=True keeps to exact factorisations that PEFT LoKr builds itself (ma*mb == m,
+    na*nb == n, from one decompose_factor), so every component exports as a PEFT LoKr adapter
+    (moka_jax.peft_io); the cheapest shape and the 25% allowance are then taken among those.
 
     budget=None allows each component 25% above the cheapest shape. Exact splits (no padding)
     are preferred when any fit; aspect ratios beyond 16:1 only when nothing else does.
@@ -115,6 +160,12 @@ def plan_moka_shapes(m: int, n: int, r: int, budget: int | None = None, layer: s
     """
     _check_dims("plan_moka_shapes", m, n, r, budget)
     cands = _candidates(m, n)
+    if exact:
+        cands = [s for s in lokr_factors_by_shape(m, n) if s[0][0] * s[0][1] > 1
+                 and s[1][0] * s[1][1] > 1]
+        if not cands:
+            raise ValueError(f"{_layer(layer)}: a {m}x{n} weight has no exact Kronecker "
+                             "factorisation with two non-scalar factors; use exact=False")
     cheapest = min(moka_params(s) for s in cands)
     cap = int(cheapest * 1.25) if budget is None else budget // r
     fits = [s for s in cands if moka_params(s) <= cap]

@@ -193,7 +193,8 @@ def validate_run(cfg: Config, num_devices: int | None = None, *, quiet: bool = F
     fp = fingerprint(cfg)
     source = model_source(cfg)  # smollm2: converted once from its GGUF on first use
     tok = tokenizer_spec(cfg, source)
-    inputs = [source, *(resolve_path(f.path) for f in (*cfg.data.train, *cfg.data.val))]
+    inputs = [source, *(resolve_path(f.path) for f in (*cfg.data.train, *cfg.data.val)
+                        if isinstance(f.path, str))]  # not in-memory datasets
     if tok not in ("bytes", "smollm2"):
         inputs.append(resolve_path(tok))
     state, resume_step = claim_run_dir(cfg, out_dir, fp, inputs)

@@ -3,8 +3,12 @@
 from flax import nnx
 
 
-class AdapterParam(nnx.Param):
-    """Adapter factors, gates and magnitudes: the only thing the optimizer sees."""
+class AdapterParam(nnx.LoRAParam):
+    """Adapter factors, gates and magnitudes: the only thing the optimizer sees.
+
+    A subclass of nnx.LoRAParam (itself an nnx.Param), so trainers that pick the trainable
+    tree with `nnx.LoRAParam` (tunix's PEFT trainer) or `nnx.Param` find exactly the adapters.
+    """
 
 
 class FrozenWeight(nnx.Variable):

@@ -9,7 +9,9 @@ from moka_jax import config as C
 from moka_jax.adapters import DoRAConfig, LoRAConfig, MoKAConfig, MoKAsConfig
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs").glob("*/*.yaml"))
+# Run configs; configs/experiments/sweep.yaml is the sweep's protocol, not a run config.
+CONFIGS = [p for p in sorted((REPO / "configs").glob("*.yaml"))
+           + sorted((REPO / "configs").glob("*/*.yaml")) if p.name != "sweep.yaml"]
 TRAIN_FILE = "data/commonsense_train/boolq/train.json"
 
 
@@ -258,6 +260,18 @@ def test_missing_train_file_names_path(tmp_path):
 def test_invalid_regex():
     msg = error(C.config_from_dict, minimal(adapter={"targets": "(q_proj|v_proj$"}))
     assert "adapter.targets" in msg and "not a valid regex" in msg
+
+
+def test_targets_as_a_list_of_module_names(tmp_path):
+    p = write(tmp_path / "c.yaml", minimal(adapter={"kind": "lora", "targets": ["q_proj", "v_proj"]}))
+    cfg = C.load_config(p)
+    assert cfg.adapter.targets == ["q_proj", "v_proj"]
+    assert C.load_config(p, ["adapter.targets=[o_proj]"]).adapter.targets == ["o_proj"]
+    assert C.config_from_dict(cfg.to_dict()) == cfg
+    msg = error(C.config_from_dict, minimal(adapter={"targets": ["self_attn.q_proj"]}))
+    assert "adapter.targets" in msg and "['q_proj']" in msg
+    msg = error(C.config_from_dict, minimal(adapter={"targets": [3]}))
+    assert "adapter.targets" in msg and "str or list of str" in msg
 
 
 def test_other_structural_errors():

@@ -65,3 +65,29 @@ def test_mokas_primes():
         shapes.validate_primes([7, 7], 64, 64)
     k, q, p = shapes.mokas_block(100, 90, 7)
     assert (k, q, p) == (13, 8, 7) and k * p >= 90 and k * q >= 100
+
+
+# ---- the exact (PEFT LoKr) planner ---------------------------------------------------------
+
+
+def test_lokr_factorization_is_peft_s():
+    peft_layer = pytest.importorskip("peft.tuners.lokr.layer")
+    for d in (1, 12, 64, 97, 192, 576, 4096, 11008):
+        for f in (-1, 1, 2, 3, 5, 8, 9, 16, 24, 100):
+            assert shapes.lokr_factorization(d, f) == peft_layer.factorization(d, f), (d, f)
+
+
+@pytest.mark.parametrize("m, n", [(576, 576), (192, 576), (4096, 4096), (11008, 4096)])
+@pytest.mark.parametrize("r", [1, 4, 10])
+def test_exact_planner_shapes_are_exact_and_peft_buildable(m, n, r):
+    plan = shapes.plan_moka_shapes(m, n, r, exact=True)
+    assert len(plan) == r
+    by_shape = shapes.lokr_factors_by_shape(m, n)
+    for s in plan:
+        (ma, na), (mb, nb) = s
+        assert ma * mb == m and na * nb == n
+        f = by_shape[s][0]  # a decompose_factor under which PEFT builds exactly this shape
+        assert shapes.lokr_shape(m, n, f) == s
+    cheapest = min(shapes.moka_params(s) for s in by_shape if min(s[0][0] * s[0][1],
+                                                                     s[1][0] * s[1][1]) > 1)
+    assert all(shapes.moka_params(s) <= 1.25 * cheapest for s in plan)

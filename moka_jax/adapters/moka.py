@@ -140,13 +140,18 @@ class MoKAs(nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class MoKAConfig:
-    """MoKA on every target layer. shapes (explicit, win over the planner) or r + budget."""
+    """MoKA on every target layer. shapes (explicit, win over the planner) or r + budget.
+
+    exact: the planner keeps to exact factorisations PEFT LoKr can build, so the adapter
+    exports to PEFT (`moka_jax.peft_io`); explicit shapes are used as given.
+    """
 
     r: int = dataclasses.field(default=10, metadata=domain(COUNT))
     shapes: tuple | None = None
     budget: int | None = dataclasses.field(default=None, metadata=domain(COUNT))
     scale: float = dataclasses.field(default=DEFAULT_SCALE, metadata=domain(POSITIVE))
     gated: bool = True
+    exact: bool = False
     kind: str = "moka"
 
     def __post_init__(self):
@@ -155,7 +160,7 @@ class MoKAConfig:
     def layer_shapes(self, m: int, n: int, name: str = ""):
         if self.shapes is not None:
             return shapes_lib.validate_kron_shapes(self.shapes, m, n, name)
-        return shapes_lib.plan_moka_shapes(m, n, self.r, self.budget, name)
+        return shapes_lib.plan_moka_shapes(m, n, self.r, self.budget, name, exact=self.exact)
 
     def build(self, base, name: str, rngs: nnx.Rngs) -> MoKA:
         m, n = base.out_features, base.in_features

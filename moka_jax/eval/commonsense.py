@@ -3,9 +3,17 @@
     tasks = load_tasks("data/commonsense", ["boolq", "piqa"], limit=50)
     result = evaluate_choice(model, tokenizer, "boolq", tasks["boolq"])   # or evaluate_generate
 
-generate: the LLM-Adapters protocol (their commonsense_evaluate.py prompt, up to 32 new tokens,
-first regex match of the task's answer pattern, exact match with `answer`); greedy, or beam
-search with num_beams (LLM-Adapters used 4).
+Prompts: `template` is the training run's data.template (default "alpaca", the data default),
+and the prompt's tokens are exactly the tokens the run was trained on up to the response
+(data.encode_prompts / encode_pairs), so a fine-tuned model is asked in its own format.
+"llm-adapters-eval" is LLM-Adapters' commonsense_evaluate.py string instead: it differs from
+their finetune.py prompt (no indented blank lines, one trailing space) and its 16 trailing
+spaces tokenise differently from any training text, so a model trained on either template meets
+an unseen prompt ending; it is kept to reproduce their protocol, not as a default.
+
+generate: up to 32 new tokens, first regex match of the task's answer pattern, exact match with
+`answer` (LLM-Adapters' extract_answer); greedy, or beam search with num_beams (LLM-Adapters
+used 4). Each result reports how many answers parsed ("parsed", "parse_rate").
 choice: each candidate answer ("true" / "false", "answer1" ...) is scored as the summed
 log-prob of its tokens after prompt + "the correct answer is" (the response format the
 adapters are trained on), and the best one is the prediction: nothing to parse.
@@ -23,7 +31,8 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from moka_jax.data import DataError, alpaca_prompt, load_records
+from moka_jax.data import (DataError, alpaca_prompt, encode_pairs, encode_prompts, load_records,
+                            render_chat)
 
 # Answer patterns of LLM-Adapters' extract_answer (case-sensitive, first match wins).
 TASK_PATTERNS = {
@@ -62,7 +71,8 @@ EVAL_PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request. \n\n"
     f"{_IND}### Instruction:\n{_IND}{{instruction}}\n\n{_IND}### Response:\n{_IND}")
-PROMPT_TEMPLATES = ("llm-adapters-eval", "alpaca", "llm-adapters")
+PROMPT_TEMPLATES = ("alpaca", "llm-adapters", "chat", "llm-adapters-eval")
+DEFAULT_TEMPLATE = "alpaca"  # data.template's default: evaluate as the default run trains
 
 
 def check_tasks(names) -> list[str]:
@@ -72,11 +82,28 @@ def check_tasks(names) -> list[str]:
     return list(names)
 
 
-def prompt_for(record: dict, template: str = "llm-adapters-eval") -> str:
+def check_template(template: str) -> str:
+    if template not in PROMPT_TEMPLATES:
+        raise ValueError(f"prompt template {template!r}; choose one of {list(PROMPT_TEMPLATES)} "
+                         "(the training run's data.template, or llm-adapters-eval)")
+    return template
+
+
+def prompt_for(record: dict, template: str = DEFAULT_TEMPLATE, tokenizer=None) -> str:
+    """The text before the response: the training template's prompt (chat needs the
+    tokenizer), or LLM-Adapters' evaluation string for "llm-adapters-eval"."""
+    check_template(template)
     if template == "llm-adapters-eval":
         fmt = EVAL_PROMPT_INPUT if record.get("input") else EVAL_PROMPT_NO_INPUT
         return fmt.format(instruction=record["instruction"], input=record.get("input", ""))
+    if template == "chat":
+        return render_chat([record], tokenizer)[0][0]
     return alpaca_prompt(record["instruction"], record.get("input", ""), template)
+
+
+def _data_template(template: str) -> str:
+    """The data template whose tokenisation rules apply (the eval string is plain text)."""
+    return "alpaca" if template == "llm-adapters-eval" else template
 
 
 def extract_answer(task: str, text: str) -> str:
@@ -134,15 +161,15 @@ def _continuation_logprobs(graphdef, state, ctx_BT, ctx_mask_BT, cont_BCL, cont_
     model = nnx.merge(graphdef, state)
     b, c, l = cont_BCL.shape
     cache = model.init_cache(b, ctx_BT.shape[1] + l)
-    logits_BTV, cache = model(ctx_BT, ctx_mask_BT, cache=cache)
-    first_BV = jax.nn.log_softmax(logits_BTV[:, -1])
+    # The head runs only where a continuation token is predicted: the context's last position
+    # (for token 0) and the continuation's positions before its last (tokens 1..).
+    x_BTD, cache = model.hidden(ctx_BT, ctx_mask_BT, cache=cache)
+    first_BV = jax.nn.log_softmax(model.logits(x_BTD[:, -1]))
     tiled = jax.tree.map(lambda x: jnp.repeat(x, c, axis=0) if x.ndim >= 2 else x, cache)
     cont_NL, mask_NL = cont_BCL.reshape(b * c, l), cont_mask_BCL.reshape(b * c, l)
-    logits_NLV, _ = model(cont_NL, mask_NL, cache=tiled)
-    # Token j of a continuation is predicted by the logits before it: the context's last
-    # position for j = 0, the continuation's position j - 1 after that.
+    x_NLD, _ = model.hidden(cont_NL, mask_NL, cache=tiled)
     prev_NLV = jnp.concatenate([jnp.repeat(first_BV, c, axis=0)[:, None],
-                                jax.nn.log_softmax(logits_NLV[:, :-1])], axis=1)
+                                jax.nn.log_softmax(model.logits(x_NLD[:, :-1]))], axis=1)
     tok_NL = jnp.take_along_axis(prev_NLV, cont_NL[..., None], axis=-1)[..., 0]
     return jnp.sum(jnp.where(mask_NL, tok_NL, 0.0), axis=-1).reshape(b, c)
 
@@ -182,19 +209,22 @@ def score_continuations(model, contexts: list[list[int]], conts: list[list[list[
     return out
 
 
-def encode_choice(tokenizer, prompt: str, options, prefix: str = ANSWER_PREFIX):
-    """(context ids, [continuation ids]): context = prompt + prefix; continuation = " " + option."""
-    ctx = tokenizer(prompt + prefix)["input_ids"]
+def encode_choice(tokenizer, prompt: str, options, prefix: str = ANSWER_PREFIX,
+                  template: str = DEFAULT_TEMPLATE):
+    """(context ids, [continuation ids]): context = prompt + prefix, tokenised as training
+    tokenises prompt + response (data.encode_pairs); continuation = " " + option."""
+    (ctx,), _ = encode_pairs(tokenizer, [prompt], [prompt + prefix], _data_template(template))
     sep = " " if prefix else ""
     return ctx, [tokenizer(sep + o, add_special_tokens=False)["input_ids"] for o in options]
 
 
 def evaluate_choice(model, tokenizer, task: str, records: list[dict], *,
-                    template: str = "llm-adapters-eval", batch_size: int = 8,
+                    template: str = DEFAULT_TEMPLATE, batch_size: int = 8,
                     progress: bool = True) -> dict:
     """Accuracy of likelihood ranking; every record gets a prediction."""
     opts = [candidates(task, r) for r in records]
-    enc = [encode_choice(tokenizer, prompt_for(r, template), o) for r, o in zip(records, opts)]
+    enc = [encode_choice(tokenizer, prompt_for(r, template, tokenizer), o, template=template)
+           for r, o in zip(records, opts)]
     # Every task padded to the most candidates any task has: the tasks share compiled shapes.
     scores = score_continuations(model, [c for c, _ in enc], [k for _, k in enc],
                                  pad_id=_pad(tokenizer), batch_size=batch_size,
@@ -209,15 +239,15 @@ def evaluate_choice(model, tokenizer, task: str, records: list[dict], *,
 
 
 def evaluate_generate(model, tokenizer, task: str, records: list[dict], *, eos_token_ids=(),
-                      template: str = "llm-adapters-eval", batch_size: int = 8,
+                      template: str = DEFAULT_TEMPLATE, batch_size: int = 8,
                       max_new_tokens: int = 32, num_beams: int = 1,
                       progress: bool = True) -> dict:
     """Accuracy of greedy (num_beams 1) or beam-search decoding + the first answer-pattern
     match (LLM-Adapters protocol; they used 4 beams)."""
-    prompts = [prompt_for(r, template) for r in records]
+    prompts = [prompt_for(r, template, tokenizer) for r in records]
     texts = generate_texts(model, tokenizer, prompts, eos_token_ids=eos_token_ids,
                            batch_size=batch_size, max_new_tokens=max_new_tokens,
-                           num_beams=num_beams,
+                           num_beams=num_beams, template=_data_template(template),
                            progress=f"{task} (generate)" if progress else None)
     preds = []
     for r, text in zip(records, texts):
@@ -236,14 +266,14 @@ def evaluate_tasks(model, tokenizer, tasks: dict[str, list[dict]], *, mode: str 
 
 
 def generate_texts(model, tokenizer, prompts, *, eos_token_ids=(), batch_size: int = 8,
-                   max_new_tokens: int = 32, num_beams: int = 1,
+                   max_new_tokens: int = 32, num_beams: int = 1, template: str = "alpaca",
                    progress: str | None = None) -> list[str]:
     """Greedy (num_beams 1) or beam-search continuations, batched with left padding and the
-    KV cache."""
+    KV cache. Prompts are tokenised as `template`'s training prompts (data.encode_prompts)."""
     from moka_jax.generate import generate
 
     pad = _pad(tokenizer)
-    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    ids = encode_prompts(tokenizer, prompts, template)
     order = np.argsort([len(x) for x in ids], kind="stable")
     out = [None] * len(prompts)
     for s in tqdm(range(0, len(order), batch_size), desc=progress, disable=progress is None,
@@ -264,8 +294,10 @@ def generate_texts(model, tokenizer, prompts, *, eos_token_ids=(), batch_size: i
 def summarize(task: str, preds: list[dict]) -> dict:
     n = len(preds)
     correct = sum(p["flag"] for p in preds)
+    unparsed = sum(p["pred"] == "" for p in preds)
     return {"task": task, "n": n, "correct": correct, "accuracy": correct / n if n else 0.0,
-            "unparseable": sum(p["pred"] == "" for p in preds), "predictions": preds}
+            "unparseable": unparsed, "parsed": n - unparsed,
+            "parse_rate": (n - unparsed) / n if n else 0.0, "predictions": preds}
 
 
 def _pad(tokenizer) -> int:
@@ -274,14 +306,16 @@ def _pad(tokenizer) -> int:
 
 
 def results_table(results: dict[str, dict]) -> str:
-    """Per-task accuracy, unparseable count and the macro average, as aligned text."""
+    """Per-task accuracy, parsed share and unparseable count, and the macro average, as text."""
     w = max([len(t) for t in results] + [7])
-    lines = [f"{'task':<{w}}  {'n':>5}  {'acc %':>6}  {'unparsed':>8}"]
+    lines = [f"{'task':<{w}}  {'n':>5}  {'acc %':>6}  {'parsed %':>8}  {'unparsed':>8}"]
     for t, r in results.items():
-        lines.append(f"{t:<{w}}  {r['n']:>5}  {100 * r['accuracy']:>6.2f}  {r['unparseable']:>8}")
-    avg = average(results)
-    lines.append(f"{'average':<{w}}  {sum(r['n'] for r in results.values()):>5}  "
-                 f"{100 * avg:>6.2f}  {sum(r['unparseable'] for r in results.values()):>8}")
+        lines.append(f"{t:<{w}}  {r['n']:>5}  {100 * r['accuracy']:>6.2f}  "
+                     f"{100 * r['parse_rate']:>8.2f}  {r['unparseable']:>8}")
+    n = sum(r["n"] for r in results.values())
+    unparsed = sum(r["unparseable"] for r in results.values())
+    lines.append(f"{'average':<{w}}  {n:>5}  {100 * average(results):>6.2f}  "
+                 f"{100 * (n - unparsed) / max(n, 1):>8.2f}  {unparsed:>8}")
     return "\n".join(lines)
 
 

@@ -8,10 +8,9 @@ from pathlib import Path
 import jax.numpy as jnp
 from flax import nnx
 
-from moka_jax import files, nn
+from moka_jax import adapter_io, files, nn
 from moka_jax.adapters import adapter_config_from_dict
-from moka_jax.train.checkpoint import (CheckpointError, _flat, compare_signatures,
-                                       load_adapter_params, read_adapter_meta, tree_signature)
+from moka_jax.train.checkpoint import CheckpointError, _flat, compare_signatures, tree_signature
 
 # config.json keys that decide every adapter shape.
 _ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -45,8 +44,8 @@ def check_adapter_base(meta: dict, model_dir, quant: str) -> None:
     if base.get("tiny") is not None:
         raise AdapterMismatch(f"adapter base is the random tiny model ({base['tiny']}), "
                               f"not {model_dir}")
-    saved = Path(str(base.get("path", "")))
-    if saved.resolve() != Path(model_dir).resolve():
+    saved = Path(str(base.get("path") or ""))
+    if base.get("path") and saved.resolve() != Path(model_dir).resolve():
         a, b = _config_dict(saved), _config_dict(model_dir)
         if a is not None and b is not None:
             diff = [f"{k}: adapter base {a.get(k)!r} vs model {b.get(k)!r}" for k in _ARCH_KEYS
@@ -81,13 +80,15 @@ def _attach(model, meta: dict, adapter_dir, seed: int, shapes_only: bool) -> lis
 
 
 def attach_exported_adapter(model, adapter_dir, *, seed: int = 0) -> list[str]:
-    """Attach the adapter config / targets recorded in `adapter_dir` and load its values.
+    """Attach the adapter config / targets recorded in `adapter_dir` (moka-jax safetensors,
+    orbax or a PEFT LoRA / DoRA directory) and load its values.
 
     Returns the adapted layer paths. AdapterMismatch names the paths / shapes that differ.
     """
-    meta = read_adapter_meta(adapter_dir)
+    config = getattr(model, "config", None)
+    meta = adapter_io.read_meta(adapter_dir, config)
     paths = _attach(model, meta, adapter_dir, seed, shapes_only=False)
-    nnx.update(model, load_adapter_params(adapter_dir, nn.adapter_state(model)))
+    nnx.update(model, adapter_io.load_values(adapter_dir, nn.adapter_state(model), config))
     return paths
 
 
@@ -112,9 +113,10 @@ def load_eval_model(model: str = "smollm2", quant: str = "none", adapter=None, *
     path = resolve_model(model)
     files.check_tokenizer_dir(path)  # before the weights, not after them
     if adapter is not None:
-        meta = read_adapter_meta(adapter)
+        config = read_config(path)
+        meta = adapter_io.read_meta(adapter, config)
         check_adapter_base(meta, path, quant)
-        precheck_adapter_shapes(read_config(path), meta, adapter)
+        precheck_adapter_shapes(config, meta, adapter)
     llama, config = load_hf(path, quant, dtype=dtype, progress=True)
     if adapter is not None:
         attach_exported_adapter(llama, adapter, seed=seed)

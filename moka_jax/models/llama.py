@@ -184,6 +184,15 @@ def attention_mask(key_valid_BS, q_slot_T, k_slot_S):
     return causal_TS[None] & key_valid_BS[:, None, :]
 
 
+def segment_mask(segment_ids_BT):
+    """(B, T, T) bool for packed rows: causal, within one example (segment id), never padding
+    (id 0). A row of one example and right padding gives the same mask as attention_mask."""
+    t = segment_ids_BT.shape[1]
+    slot_T = jnp.arange(t, dtype=jnp.int32)
+    same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    return attention_mask(segment_ids_BT > 0, slot_T, slot_T) & same_BTS
+
+
 def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
     """Grouped-query attention; scores and softmax in float32."""
     b, t, n, h = q_BTNH.shape
@@ -220,7 +229,7 @@ class Embed(nnx.Module):
 
     def attend(self, x_BTD):
         """Tied output head: x @ E.T."""
-        return jnp.einsum("btd,vd->btv", x_BTD, self.embedding.get_value().astype(x_BTD.dtype))
+        return jnp.einsum("...d,vd->...v", x_BTD, self.embedding.get_value().astype(x_BTD.dtype))
 
 
 class Attention(nnx.Module):
@@ -284,9 +293,34 @@ def _run_block(block, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, index):
 _run_block_remat = nnx.remat(_run_block)
 
 
+def _scan_blocks(layers, x_BTD, cos_BTH, sin_BTH, mask_BTS, remat: bool):
+    """The decoder layers as one lax.scan over their stacked states, or None when the layers
+    differ in structure (then the caller loops). XLA then compiles one layer instead of one per
+    layer: on SmolLM2 (30 layers) the train step's compile time falls several-fold (see
+    bench/README.md). Stacking copies the frozen weights once per call (4-bit: small)."""
+    if len(layers) < 2:
+        return None
+    graphdef, first = nnx.split(layers[0])
+    states = [first] + [nnx.split(b)[1] for b in layers[1:]]
+    structure = jax.tree.structure(first)
+    if any(jax.tree.structure(s) != structure for s in states[1:]) or any(
+            a.shape != b.shape or a.dtype != b.dtype for s in states[1:]
+            for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(first))):
+        return None
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+    def body(x_BTD, state):
+        y_BTD, _ = nnx.merge(graphdef, state)(x_BTD, cos_BTH, sin_BTH, mask_BTS)
+        return y_BTD, None
+
+    x_BTD, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, x_BTD, stacked)
+    return x_BTD
+
+
 class Llama(nnx.Module):
     """Causal LM. `model(ids_BT, attention_mask_BT=None)` -> logits_BTV (float32);
-    with `cache=` a KVCache it returns (logits_BTV, updated cache).
+    with `cache=` a KVCache it returns (logits_BTV, updated cache). `hidden` + `logits` are the
+    two halves, so callers can apply the head to the positions they score only.
 
     dtype: compute dtype (bf16 on accelerators; f32 for CPU parity). param_dtype: storage dtype of
     the float frozen weights. quant: "none" | "nf4" | "int4" for every Linear (random init; real
@@ -297,6 +331,7 @@ class Llama(nnx.Module):
                  quant: str = "none", block_size: int = 64, double_quant: bool = False,
                  remat: bool = False, rngs: nnx.Rngs):
         self.config, self.dtype, self.remat = config, dtype, remat
+        self.scan_layers = True  # training forward as one lax.scan when the layers allow it
         linear_kw = dict(quant=quant, block_size=block_size, double_quant=double_quant,
                          dtype=dtype, param_dtype=param_dtype)
         c = config
@@ -308,25 +343,57 @@ class Llama(nnx.Module):
         self.lm_head = None if c.tie_word_embeddings else Linear(
             c.hidden_size, c.vocab_size, rngs=rngs, name="lm_head", **linear_kw)
 
-    def __call__(self, input_ids_BT, attention_mask_BT=None, cache: KVCache | None = None):
+    def __call__(self, input_ids_BT, attention_mask_BT=None, cache: KVCache | None = None, *,
+                 segment_ids_BT=None, positions_BT=None):
+        x_BTD, new_cache = self.hidden(input_ids_BT, attention_mask_BT, cache,
+                                       segment_ids_BT=segment_ids_BT, positions_BT=positions_BT)
+        logits_BTV = self.logits(x_BTD)
+        return logits_BTV if cache is None else (logits_BTV, new_cache)
+
+    def logits(self, x_ND):
+        """The output head on final hidden states (..., D) -> float32 logits (..., V)."""
+        head = self.embed.attend if self.lm_head is None else self.lm_head
+        return head(x_ND).astype(jnp.float32)
+
+    def hidden(self, input_ids_BT, attention_mask_BT=None, cache: KVCache | None = None, *,
+               segment_ids_BT=None, positions_BT=None):
+        """(final normed hidden states (B, T, D), updated cache or None).
+
+        Packed rows (training): segment_ids_BT (0 = padding, 1.. = example in the row) and
+        positions_BT (restarting per example) replace attention_mask_BT; no cache.
+        """
         b, t = input_ids_BT.shape
-        mask_BT = (jnp.ones((b, t), bool) if attention_mask_BT is None
-                   else jnp.asarray(attention_mask_BT).astype(bool))
         q_slot_T = jnp.arange(t, dtype=jnp.int32)
-        if cache is None:
-            index, key_valid_BS, k_slot_S, prior_B = None, mask_BT, q_slot_T, None
+        if segment_ids_BT is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed rows) are for training; the KV cache "
+                                 "path takes attention_mask")
+            mask_BTS = segment_mask(segment_ids_BT)
+            if positions_BT is None:
+                raise ValueError("packed rows need positions_BT (restarting per example)")
+            index = None
         else:
-            index = cache.index
-            key_valid_BS = write_slots(cache.mask_BS, mask_BT, index)
-            k_slot_S = jnp.arange(cache.max_len, dtype=jnp.int32)
-            q_slot_T = q_slot_T + index
-            prior_B = jnp.sum(cache.mask_BS, axis=-1, dtype=jnp.int32)
-        cos_BTH, sin_BTH = rope_cos_sin(positions_from_mask(mask_BT, prior_B),
-                                        rope_inv_freq(self.config))
-        mask_BTS = attention_mask(key_valid_BS, q_slot_T, k_slot_S)
+            mask_BT = (jnp.ones((b, t), bool) if attention_mask_BT is None
+                       else jnp.asarray(attention_mask_BT).astype(bool))
+            if cache is None:
+                index, key_valid_BS, k_slot_S, prior_B = None, mask_BT, q_slot_T, None
+            else:
+                index = cache.index
+                key_valid_BS = write_slots(cache.mask_BS, mask_BT, index)
+                k_slot_S = jnp.arange(cache.max_len, dtype=jnp.int32)
+                q_slot_T = q_slot_T + index
+                prior_B = jnp.sum(cache.mask_BS, axis=-1, dtype=jnp.int32)
+            if positions_BT is None:
+                positions_BT = positions_from_mask(mask_BT, prior_B)
+            mask_BTS = attention_mask(key_valid_BS, q_slot_T, k_slot_S)
+        cos_BTH, sin_BTH = rope_cos_sin(positions_BT, rope_inv_freq(self.config))
 
         run = _run_block_remat if self.remat else _run_block
         x_BTD = self.embed(input_ids_BT, self.dtype)
+        if cache is None and self.scan_layers:
+            scanned = _scan_blocks(self.layers, x_BTD, cos_BTH, sin_BTH, mask_BTS, self.remat)
+            if scanned is not None:
+                return self.norm(scanned), None
         new_k, new_v = [], []
         for i, block in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
@@ -334,12 +401,10 @@ class Llama(nnx.Module):
             new_k.append(k)
             new_v.append(v)
         x_BTD = self.norm(x_BTD)
-        head = self.embed.attend if self.lm_head is None else self.lm_head
-        logits_BTV = head(x_BTD).astype(jnp.float32)
         if cache is None:
-            return logits_BTV
-        return logits_BTV, KVCache(k=tuple(new_k), v=tuple(new_v), mask_BS=key_valid_BS,
-                                   index=index + t)
+            return x_BTD, None
+        return x_BTD, KVCache(k=tuple(new_k), v=tuple(new_v), mask_BS=key_valid_BS,
+                              index=index + t)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         return KVCache.init(self.config, batch, max_len, dtype or self.dtype)

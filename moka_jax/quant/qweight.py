@@ -138,9 +138,39 @@ def dequantize(q: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
 def quant_matmul(x, q: QuantizedWeight, dtype=None) -> jax.Array:
     """x @ W.T for x (..., in) -> (..., out); W is dequantised inside this computation.
 
-    dtype: compute dtype (default x.dtype). Products accumulate in f32.
+    dtype: compute dtype (default x.dtype). Products accumulate in f32. The backward (dx only:
+    the weight is frozen) dequantises W again instead of keeping the dequantised copy from the
+    forward, so a training step holds 4-bit weights, not a full-precision copy per layer, as
+    residuals (bitsandbytes' Linear4bit does the same).
     """
     dtype = x.dtype if dtype is None else jnp.dtype(dtype)
-    w_OI = dequantize(q, dtype)
-    y = jnp.einsum("...i,oi->...o", x.astype(dtype), w_OI, preferred_element_type=jnp.float32)
-    return y.astype(dtype)
+    return _quant_matmul(x.astype(dtype), q)
+
+
+def _matmul(x, q):
+    w_OI = dequantize(q, x.dtype)
+    return jnp.einsum("...i,oi->...o", x, w_OI, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+@jax.custom_vjp
+def _quant_matmul(x, q):
+    return _matmul(x, q)
+
+
+def _quant_matmul_fwd(x, q):
+    return _matmul(x, q), q
+
+
+def _zero_cotangent(a):
+    if jnp.issubdtype(a.dtype, jnp.floating):
+        return jnp.zeros_like(a)
+    return np.zeros(a.shape, jax.dtypes.float0)  # integer codes have no tangent space
+
+
+def _quant_matmul_bwd(q, dy):
+    w_OI = dequantize(q, dy.dtype)
+    dx = jnp.einsum("...o,oi->...i", dy, w_OI, preferred_element_type=jnp.float32)
+    return dx.astype(dy.dtype), jax.tree.map(_zero_cotangent, q)
+
+
+_quant_matmul.defvjp(_quant_matmul_fwd, _quant_matmul_bwd)

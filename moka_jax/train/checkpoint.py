@@ -287,8 +287,12 @@ def _flat(tree) -> dict[str, np.ndarray]:
 
 
 def save_adapter(out_dir, params, *, adapter_config: dict, targets: str, base: dict,
-                 overwrite: bool = False, owner: dict | None = None) -> Path:
+                 overwrite: bool = False, owner: dict | None = None,
+                 data: dict | None = None) -> Path:
     """Write the adapter tree as safetensors with its config embedded as metadata.
+
+    data: how the training text was rendered ({"template": ...}), so evaluation can prompt
+    in the same format.
 
     <out_dir>/adapter.safetensors (keys = module paths, header metadata = adapter.json) and a
     readable adapter.json. Plain files, no cross-process barrier: call it on one process.
@@ -302,6 +306,8 @@ def save_adapter(out_dir, params, *, adapter_config: dict, targets: str, base: d
     tensors = {k: np.ascontiguousarray(v) for k, v in _flat(local_numpy(pure)).items()}
     meta = {"format": ADAPTER_FORMAT, "adapter": adapter_config, "targets": targets,
             "base": base, "tree": tree_signature(tensors)}
+    if data is not None:
+        meta["data"] = data
     with outputs.atomic_output_dir(out_dir, overwrite, command="save_adapter", owner=owner,
                                    reuse=owner is not None) as tmp:
         save_file(tensors, str(tmp / "adapter.safetensors"),

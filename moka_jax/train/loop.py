@@ -17,16 +17,19 @@ from tqdm import tqdm
 from moka_jax import data as data_lib
 from moka_jax import nn
 from moka_jax.adapters import MoKA, MoKAs, adapter_config_to_dict
-from moka_jax.config import Config, resolve_path
+from moka_jax.config import Config, DataFields, resolve_path
 from moka_jax.train import sharding
 from moka_jax.train.checkpoint import TrainCheckpointer, local_numpy, save_adapter
 from moka_jax.train.metrics import MetricsWriter, plot_gates, plot_loss, read_metrics
-from moka_jax.train.optim import lr_schedule, make_optimizer
-from moka_jax.train.step import TrainStep, split_model
+from moka_jax.train.optim import gate_entropy, lr_schedule, make_optimizer
+from moka_jax.train.step import TrainStep, split_model, step_inputs
 
 # Keys that may change between a run and its resumption without changing what is trained.
 _VOLATILE = {"train": {"steps", "log_every", "eval_every", "eval_batches", "save_every",
                        "keep_last", "resume", "overwrite", "out_dir"}, "mesh": None}
+# Keys added after runs were checkpointed, at the value that trains as before: left out of the
+# fingerprint there, so those runs still resume.
+_ADDED_LATER = {"train": {"gate_lr_mult": 1.0}, "data": {"fields": dataclasses.asdict(DataFields())}}
 
 
 class TrainingDiverged(RuntimeError):
@@ -45,6 +48,10 @@ def fingerprint(cfg: Config) -> dict:
         else:
             for k in keys:
                 d.get(section, {}).pop(k, None)
+    for section, keys in _ADDED_LATER.items():
+        for k, old in keys.items():
+            if d.get(section, {}).get(k) == old:
+                d[section].pop(k)
     return d
 
 
@@ -118,7 +125,7 @@ def train(cfg: Config, *, max_steps: int | None = None, quiet: bool = False, pla
     train_data, val_data = plan.train_data, plan.val_data
     pad = data_lib.pad_id(tokenizer)
     batches = data_lib.BatchIterator(train_data, cfg.train.batch_size, cfg.data.buckets,
-                                     seed=cfg.data.seed, pad_id=pad)
+                                     seed=cfg.data.seed, pad_id=pad, packing=cfg.data.packing)
 
     model, lconfig = build_base_model(cfg, source)
     targets = nn.attach_adapters(model, cfg.adapter.config, cfg.adapter.targets,
@@ -155,34 +162,56 @@ def train(cfg: Config, *, max_steps: int | None = None, quiet: bool = False, pla
     bar = tqdm(range(start, total), initial=start, total=cfg.train.steps, disable=not is_main
                or quiet, desc=cfg.name or "train", dynamic_ncols=True)
     t_last, tok_acc, lengths_seen = time.perf_counter(), 0, set()
+    # Step metrics stay on the device until a log, save or the end needs them, so the host
+    # builds and places the next batch while the device runs this step. Every loss is
+    # checked before a checkpoint is written, so a NaN never reaches a saved step.
+    pending = []
+
+    def sync(upto: int):
+        for s, m in pending:
+            loss = float(m["loss"])
+            if not math.isfinite(loss):
+                last = ckpt.latest_step()
+                ckpt.close()
+                raise TrainingDiverged(
+                    f"loss is {loss} at step {s}; stopping. The last good checkpoint "
+                    f"(step {last}) in {ckpt.dir} is kept. Lower train.lr or raise warmup_steps.")
+            losses.append(loss)
+        last_m = pending[-1][1] if pending else None
+        pending.clear()
+        return last_m
+
     for step in bar:
         batch = next(batches)
         lengths_seen.add(batch["input_ids"].shape[1])
-        tokens_in = int(batch["attention_mask"].sum())
-        placed = sharding.place_batch(batch, mesh, cfg.train.grad_accum)
+        tok_acc += int(batch["attention_mask"].sum())
+        placed = sharding.place_batch(step_inputs(batch), mesh, cfg.train.grad_accum)
         params, opt_state, m = step_fn(params, opt_state, frozen, placed)
-        loss = float(m["loss"])
-        if not math.isfinite(loss):
-            last = ckpt.latest_step()
-            ckpt.close()
-            raise TrainingDiverged(
-                f"loss is {loss} at step {step + 1}; stopping. The last good checkpoint "
-                f"(step {last}) in {ckpt.dir} is kept. Lower train.lr or raise warmup_steps.")
-        losses.append(loss)
-        tok_acc += tokens_in
         done = step + 1
-        if done % cfg.train.log_every == 0 or done == total:
+        pending.append((done, m))
+        log_now = done % cfg.train.log_every == 0 or done == total
+        val_now = val_data is not None and cfg.train.eval_every and done % cfg.train.eval_every == 0
+        save_now = (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.steps
+        if not (log_now or val_now or save_now):
+            continue
+        m = sync(done)
+        if log_now:
             now = time.perf_counter()
             lr = float(schedule(done - 1))
-            rec = {"loss": loss, "lr": lr, "grad_norm": float(m["grad_norm"]),
+            rec = {"loss": losses[-1], "lr": lr, "grad_norm": float(m["grad_norm"]),
                    "tokens_per_s": tok_acc / (now - t_last)}
+            entropy = gate_entropy(params)  # MoKA only: are the gates moving off uniform?
+            if entropy is not None:
+                rec["gate_entropy"] = entropy
             writer.write(done, **rec)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}",
+                            tok_s=f"{rec['tokens_per_s']:.0f}")
             t_last, tok_acc = now, 0
-        if val_data is not None and cfg.train.eval_every and done % cfg.train.eval_every == 0:
+        if val_now:
             writer.write(done, val_loss=evaluate(step_fn, params, frozen, val_data, cfg, mesh, pad))
-        if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.steps:
+        if save_now:
             ckpt.save(done, params, opt_state, batches.state())
+    sync(total)
     ckpt.close()
     summary["losses"] = losses
     summary["compilations"] = step_fn.compilations
@@ -212,7 +241,7 @@ def evaluate(step_fn, params, frozen, val_data, cfg, mesh, pad) -> float:
     for i, batch in enumerate(data_lib.eval_batches(val_data, bs, cfg.data.buckets, pad)):
         if cfg.train.eval_batches is not None and i >= cfg.train.eval_batches:
             break
-        s, c = step_fn.eval_sums(params, frozen, sharding.place_batch(batch, mesh))
+        s, c = step_fn.eval_sums(params, frozen, sharding.place_batch(step_inputs(batch), mesh))
         loss_sum, n = loss_sum + float(s), n + int(c)
     return loss_sum / max(n, 1)
 
@@ -226,7 +255,8 @@ def finish(cfg, out_dir: Path, model, params, source, writer) -> dict:
             "tiny": dataclasses.asdict(cfg.model.tiny) if source is None else None}
     adapter_dir = save_adapter(out_dir / "adapter", params,
                                adapter_config=adapter_config_to_dict(cfg.adapter.config),
-                               targets=cfg.adapter.targets, base=base, owner=fingerprint(cfg))
+                               targets=cfg.adapter.targets, base=base, owner=fingerprint(cfg),
+                               data={"template": cfg.data.template})
     out = {"adapter_dir": str(adapter_dir)}
     writer.flush()
     records = read_metrics(out_dir / "metrics.jsonl")

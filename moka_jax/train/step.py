@@ -15,14 +15,34 @@ from flax import nnx
 from moka_jax.variables import AdapterParam
 
 IGNORE = -100
+# What the step reads of a host batch (data.BatchIterator / data.eval_batches).
+STEP_KEYS = ("input_ids", "segment_ids", "positions", "loss_pos", "loss_tgt")
+
+
+def step_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in STEP_KEYS}
 
 
 def token_loss_sums(logits_BTV, labels_BT):
-    """(sum of next-token NLL over labelled positions, number of labelled positions)."""
+    """(sum of next-token NLL over labelled positions, number of labelled positions), from full
+    logits: the reference that `labelled_loss_sums` is tested against."""
     logits = logits_BTV[:, :-1].astype(jnp.float32)
     labels = labels_BT[:, 1:]
     valid = labels != IGNORE
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
+    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
+
+
+def labelled_loss_sums(model, batch):
+    """token_loss_sums without the (B, T, V) logits: the head runs on the hidden states of the
+    scored positions only (loss_pos / loss_tgt, (B, C), see data.label_slots)."""
+    x_BTD, _ = model.hidden(batch["input_ids"], segment_ids_BT=batch["segment_ids"],
+                            positions_BT=batch["positions"])
+    x_BCD = jnp.take_along_axis(x_BTD, batch["loss_pos"][..., None], axis=1)
+    logits_BCV = model.logits(x_BCD)
+    tgt_BC = batch["loss_tgt"]
+    valid = tgt_BC != IGNORE
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits_BCV, jnp.where(valid, tgt_BC, 0))
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
 
 
@@ -41,9 +61,7 @@ class TrainStep:
         self._eval = jax.jit(self._eval_impl)
 
     def _loss_sums(self, params, frozen, batch):
-        model = nnx.merge(self.graphdef, params, frozen)
-        logits = model(batch["input_ids"], batch["attention_mask"])
-        return token_loss_sums(logits, batch["labels"])
+        return labelled_loss_sums(nnx.merge(self.graphdef, params, frozen), batch)
 
     def _impl(self, params, opt_state, frozen, batch):
         self.compilations += 1  # runs at trace time only

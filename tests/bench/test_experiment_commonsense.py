@@ -1,50 +1,161 @@
-"""bench/experiment_commonsense.py end to end on the tiny random model (bytes tokenizer)."""
+"""bench/experiment_commonsense.py + results_report.py end to end on the tiny random model:
+lr search on the validation split, seeds, both eval modes, report, resume, refusal, merge."""
 
 import importlib.util
 import json
+import shutil
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
 spec = importlib.util.spec_from_file_location("experiment", REPO / "bench" / "experiment_commonsense.py")
 experiment = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(experiment)
+import results_report  # noqa: E402  (bench/, on the path above)
 
-# The tiny-debug model and data sizes in place of SmolLM2's.
-TINY = ["model.path=random", "model.tokenizer=bytes", "model.tiny.vocab=259",
-        "model.tiny.hidden=64", "model.tiny.layers=2", "model.tiny.heads=4",
-        "model.tiny.kv_heads=2", "model.tiny.intermediate=128", "data.cutoff_len=512",
-        "data.buckets=[512]", "train.steps=2", "train.warmup_steps=1",
-        "data.train=[{path: data/commonsense_train/boolq/train.json, limit: 32}]"]
+PROTOCOL = {
+    "methods": ["base", "lora-r16", "moka"], "reference": "lora-r16",
+    "families": {"lora": {"methods": ["lora-r16"], "lrs": [1e-3, 1e-2]},
+                 "moka": {"methods": ["moka"], "lrs": [1e-3, 1e-2]}},
+    "search": {"steps": 1, "per": "method"}, "seeds": [0, 1], "data_seed": 42, "steps": 2,
+    "batch_size": 4, "warmup_ratio": 0.1, "eval_every": 2, "save_every": 1,
+    "eval": {"limit": 3, "tasks": ["boolq"], "modes": ["choice", "generate"],
+             "max_new_tokens": 2, "batch_size": 4},
+    "comparisons": [["moka", "lora-r16"]],
+}
 
 
-def test_sweep_writes_table_plots_and_reuses_results(tmp_path, capsys):
-    results_md = tmp_path / "RESULTS.md"
-    results_md.write_text("# Results\n\nhand-written reading\n\n" + experiment.BEGIN + "\nold\n"
-                          + experiment.END + "\n\nhand-written tail\n")
-    args = ["--methods", "base", "moka", "--limit", "2", "--gen-limit", "1",
-            "--gen-tasks", "boolq", "--out", str(tmp_path / "runs"), "--results", str(results_md),
-            "--figures", str(tmp_path / "fig")]
-    for s in TINY:
-        args += ["--set", s]
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    # Units that differ only in their seed compile the same programs: a persistent cache turns
+    # those compilations (most of a tiny unit's time) into loads.
+    import jax
+    saved = {k: getattr(jax.config, k) for k in (
+        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes")}
+    jax.config.update("jax_compilation_cache_dir", str(tmp / "xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    (tmp / "sweep.yaml").write_text(yaml.safe_dump(PROTOCOL))
+    md = tmp / "RESULTS.md"
+    md.write_text("# Results\n\nhand-written reading\n\n" + results_report.BEGIN + "\nold\n"
+                  + results_report.END + "\n\nhand-written tail\n")
+    # One layer and a dense base: compilation is most of a tiny unit's time (nf4 training is
+    # tested in tests/train).
+    args = ["--sweep", str(tmp / "sweep.yaml"), "--tiny", "--in-process",
+            "--set", "model.tiny.layers=1", "--set", "model.quant=none",
+            "--out", str(tmp / "runs"), "--results", str(md), "--figures", str(tmp / "fig")]
+    yield tmp, args
+    for k, v in saved.items():
+        jax.config.update(k, v)
+
+
+def run(args, capsys) -> tuple[dict, str]:
     experiment.main(args)
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(out["choice_average"]) == {"base", "moka"}
-    assert out["trainable_params"]["base"] == 0 and out["trainable_params"]["moka"] > 0
-    text = results_md.read_text()
+    out = capsys.readouterr().out
+    return json.loads(out.strip().splitlines()[-1]), out
+
+
+def test_sweep_end_to_end(sweep, capsys):
+    tmp, args = sweep
+    out, _ = run(args, capsys)
+    runs = tmp / "runs"
+    # lr search: every trial scored on the validation split, the lowest loss chosen
+    for m in ("lora-r16", "moka"):
+        trials = {lr: json.loads((runs / "search" / m / f"lr-{lr:g}" / "result.json").read_text())
+                  for lr in (1e-3, 1e-2)}
+        assert all(t["train"]["val_loss"] > 0 for t in trials.values())
+        assert "eval" not in trials[1e-3]  # the dev sets are never seen by the search
+        best = min(trials, key=lambda lr: trials[lr]["train"]["val_loss"])
+        assert out["chosen_lr"][m] == best
+    # main runs: per seed, per mode, per item correctness
+    recs = {}
+    for m, seeds in (("base", [0]), ("lora-r16", [0, 1]), ("moka", [0, 1])):
+        for s in seeds:
+            rec = json.loads((runs / "train" / m / f"seed-{s}" / "result.json").read_text())
+            recs[m, s] = rec
+            for mode in ("choice", "generate"):
+                t = rec["eval"][mode]["tasks"]["boolq"]
+                assert len(t["flags"]) == t["n"] == 3 and sum(t["flags"]) == t["correct"]
+                assert t["parsed"] + t["unparseable"] == 3
+            if m != "base":
+                assert rec["lr"] == out["chosen_lr"][m] and rec["seed"] == s
+                assert rec["config"]["data"]["seed"] == 42 + s
+                assert rec["train"]["final_step"] == 2
+                ent = [x["gate_entropy"] for x in rec["train"]["metrics"] if "gate_entropy" in x]
+                assert (len(ent) >= 1) == (m == "moka")
+    a0 = recs["moka", 0]["train"]["adapter_dir"]
+    meta = json.loads((Path(a0) / "adapter.json").read_text())
+    assert meta["data"] == {"template": "alpaca"}
+    # the report: hand-written text kept, every section there, intervals from the per-item data
+    text = (tmp / "RESULTS.md").read_text()
     assert text.startswith("# Results\n\nhand-written reading") and text.endswith("hand-written tail\n")
-    assert "\nold\n" not in text and "| moka |" in text and "| base |" in text
-    assert (tmp_path / "fig" / "loss_curves.png").stat().st_size > 0
-    assert (tmp_path / "fig" / "moka_gates.png").stat().st_size > 0
-    rec = json.loads((tmp_path / "runs" / "moka" / "result.json").read_text())
-    assert rec["choice"]["boolq"]["n"] == 2 and rec["generate"]["boolq"]["n"] == 1
-    assert len(rec["metrics"]) == 1  # log_every 2, steps 2
+    assert "\nold\n" not in text
+    for heading in ("lr search", "choice mode", "generate mode", "parse", "Paired bootstrap",
+                    "Gates", "Trained adapters", "Machine(s)"):
+        assert heading in text, heading
+    n_moka, n_lora = (recs[m, 0]["train"]["trainable_params"] for m in ("moka", "lora-r16"))
+    assert f"| moka | {n_moka:,} | {n_moka / n_lora:.3f} |" in text
+    assert f"| lora-r16 | {n_lora:,} | 1.000 |" in text
+    flags = lambda m, mode: np.array([recs[m, s]["eval"][mode]["tasks"]["boolq"]["flags"]
+                                      for s in (0, 1)], float)
+    obs = (flags("moka", "choice").mean(0) - flags("lora-r16", "choice").mean(0)).mean()
+    got = out["intervals"]["moka - lora-r16 (choice)"]
+    assert got[0] == pytest.approx(obs) and got[1] <= obs <= got[2]
+    for png in ("loss_curves.png", "gate_entropy.png", "gates_moka.png"):
+        assert (tmp / "fig" / png).stat().st_size > 0
+    assert sorted(p.name for p in (tmp / "fig" / "adapters").iterdir()) == [
+        "lora-r16-seed0", "lora-r16-seed1", "moka-seed0", "moka-seed1"]
 
-    experiment.main(args)  # nothing to rerun: every result.json matches its settings
-    assert capsys.readouterr().out.count("reusing") == 2
 
-    # Other settings over saved results: refused before any work, and nothing is deleted.
-    with pytest.raises(SystemExit, match="other settings"):
-        experiment.main([*args, "--limit", "3"])
-    assert (tmp_path / "runs" / "moka" / "result.json").exists()
+def test_killed_sweep_resumes_where_it_stopped(sweep, capsys):
+    tmp, args = sweep
+    unit = tmp / "runs" / "train" / "moka" / "seed-1"
+    before = json.loads((unit / "eval-choice.json").read_text())
+    # killed after the choice evaluation: result, generate mode and the train summary are gone
+    for name in ("result.json", "eval-generate.json", "train.json"):
+        (unit / name).unlink()
+    _, log = run(args, capsys)
+    assert log.count("reusing") == 4 + 4 and "train/moka/seed-1: run" in log
+    rec = json.loads((unit / "result.json").read_text())
+    assert rec["train"]["resumed_from"] == 2  # from the trainer's checkpoint: no step redone
+    assert rec["eval"]["choice"] == before and "generate" in rec["eval"]
+
+
+def test_other_settings_are_refused_and_nothing_is_deleted(sweep, capsys):
+    tmp, args = sweep
+    files = sorted(p for p in (tmp / "runs").rglob("*") if p.is_file())
+    with pytest.raises(SystemExit, match=r"other settings:\n  steps: checkpoint 2 vs config 3"):
+        experiment.main([*args, "--steps", "3"])
+    assert sorted(p for p in (tmp / "runs").rglob("*") if p.is_file()) == files
+
+
+def test_report_only_and_documented_merge_command(sweep, capsys):
+    tmp, args = sweep
+    md = tmp / "RESULTS.md"
+    md.write_text(md.read_text().replace("| moka |", "| stale |"))
+    out, _ = run([*args, "--report-only"], capsys)
+    text = md.read_text()
+    assert "| stale |" not in text and out["chosen_lr"] == {"lora-r16": out["chosen_lr"]["lora-r16"],
+                                                            "moka": out["chosen_lr"]["moka"]}
+    # the merge command RESULTS.md documents, run as written (from RESULTS.md's folder)
+    cmd = next(line.strip() for line in text.splitlines() if "moka_jax.export" in line)
+    assert cmd.startswith("python -m moka_jax.export --model random --adapter ")
+    from moka_jax.export import main as export_main
+    argv = cmd.split()[3:]
+    import os
+    cwd = os.getcwd()
+    os.chdir(md.parent)
+    try:
+        assert export_main(argv) == 0
+    finally:
+        os.chdir(cwd)
+    merged = md.parent / argv[argv.index("--out") + 1]
+    assert (merged / "config.json").exists() and list(merged.glob("*.safetensors"))
+    shutil.rmtree(merged)

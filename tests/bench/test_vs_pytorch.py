@@ -32,11 +32,12 @@ def test_bad_input_fails_before_heavy_work(args, message):
     assert r.returncode == 2 and message in r.stderr, r.stderr
 
 
-def test_tiny_runs_every_variant():
-    r = run("--tiny", "--batch", "1", "--steps", "1", "--warmup", "1")
+def test_tiny_runs_every_variant_and_one_epoch():
+    r = run("--tiny", "--batch", "1", "--steps", "1", "--warmup", "1", "--epoch-examples", "6",
+            "--pack-rows", "2")
     assert r.returncode == 0, r.stderr[-4000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    v = res["variants"]
+    v = res["fixed_batch"]["variants"]
     assert list(v) == list(vs_pytorch.VARIANTS) and res["errors"] == []
     for name, x in v.items():
         assert x["step_seconds"] > 0 and x["tokens_per_s"] > 0 and x["peak_rss_bytes"] > 0, name
@@ -54,5 +55,15 @@ def test_tiny_runs_every_variant():
     assert params["jax_lora_f32"] == params["torch_lora_f32"] == params["torch_qlora_nf4"], params
     assert 0.2 <= res["moka_params_over_lora_r16"] <= 0.3
     for name in vs_pytorch.TARGETS:
-        assert res[name] > 0
+        if name in vs_pytorch.RATIOS or name in vs_pytorch.EPOCH_RATIOS:
+            assert res[name] > 0
     assert res["machine"]["jax_backend"] == "cpu" and res["machine"]["torch_threads"] >= 1
+    assert res["machine"]["cpu_model"] and set(res["kernels"]) == {"jax", "torch"}
+    # One epoch: both frameworks see the same examples (the same real tokens), each with its
+    # own batching; JAX's packed path compiles once.
+    e = res["epoch"]["variants"]
+    jx, pt = e["jax_moka_nf4"], e["torch_qlora_nf4"]
+    assert jx["examples"] == pt["examples"] == 6 and jx["real_tokens"] == pt["real_tokens"]
+    assert pt["steps"] == 6 and jx["rows_per_step"] == 2 and jx["compilations"] == 1
+    assert math.isfinite(jx["mean_loss"]) and math.isfinite(pt["mean_loss"])
+    assert res["jax_moka_over_torch_qlora_epoch_time"] > 0

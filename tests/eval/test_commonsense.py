@@ -55,7 +55,7 @@ def test_candidates_from_answer_format_line():
 
 
 def test_eval_prompt_is_llm_adapters_evaluate_prompt():
-    p = cs.prompt_for({"instruction": "Q?", "input": ""})
+    p = cs.prompt_for({"instruction": "Q?", "input": ""}, "llm-adapters-eval")
     assert p == ("Below is an instruction that describes a task. Write a response that "
                  "appropriately completes the request. \n\n                ### Instruction:\n"
                  "                Q?\n\n                ### Response:\n                ")
@@ -101,8 +101,10 @@ def test_evaluate_generate_counts_unparseable(model, tok):
     p = r["predictions"][0]
     assert p["pred"] == cs.extract_answer("boolq", p["output_pred"])
     assert r["unparseable"] == (p["pred"] == "")
+    assert r["parsed"] == 1 - r["unparseable"] and r["parse_rate"] == r["parsed"] / r["n"]
     table = cs.results_table({"boolq": r})
-    assert "boolq" in table and "average" in table
+    assert "boolq" in table and "average" in table and "parsed %" in table
+    assert f"{100 * r['parse_rate']:.2f}" in table.splitlines()[1]
 
 
 def test_unknown_task_lists_valid_ones():
@@ -161,6 +163,22 @@ def test_adapter_roundtrip_and_shape_mismatch(tmp_path):
         attach_exported_adapter(tiny_model(layers=3), adir)
 
 
+def test_eval_prompts_in_the_adapters_training_template(tmp_path):
+    from moka_jax.cli import eval as eval_cli
+    from moka_jax.train.checkpoint import read_adapter_meta
+
+    adir = export_adapter(tmp_path)
+    assert "data" not in read_adapter_meta(adir) and eval_cli.training_template(adir) == "alpaca"
+    assert eval_cli.training_template(None) == cs.DEFAULT_TEMPLATE == "alpaca"
+    import json
+    from safetensors.numpy import load_file, save_file
+    meta = read_adapter_meta(adir)
+    meta["data"] = {"template": "llm-adapters"}
+    save_file(load_file(str(adir / "adapter.safetensors")), str(adir / "adapter.safetensors"),
+              metadata={"moka_jax": json.dumps(meta)})
+    assert eval_cli.training_template(adir) == "llm-adapters"
+
+
 def test_adapter_targets_matching_nothing(tmp_path):
     adir = export_adapter(tmp_path, targets=r"layers/1/attn/q_proj$")
     from moka_jax.train.checkpoint import read_adapter_meta
@@ -192,7 +210,7 @@ def test_cli_smollm2_choice(tmp_path, capsys):
 
     if not is_complete(smollm2_cache_dir()) and os.environ.get("MOKA_SKIP_SLOW"):
         pytest.skip("SmolLM2 not converted yet")
-    import eval as eval_cli
+    from moka_jax.cli import eval as eval_cli
 
     out = tmp_path / "preds.json"
     assert eval_cli.main(["--tasks", "boolq", "--limit", "4", "--batch-size", "4",

@@ -2,9 +2,12 @@
 
     python tests/train/run_tiny.py CONFIG_JSON [process_id num_processes port]
 XLA_FLAGS (simulated devices) must be set by the caller before this process imports jax.
+MOKA_TEST_ORBAX_DIR: after training, every process saves the adapter there with
+moka_jax.save_adapter(format="orbax"), as a multi-host orbax write requires.
 """
 
 import json
+import os
 import sys
 
 from moka_jax.config import config_from_dict
@@ -19,6 +22,9 @@ def main():
     from moka_jax.train.loop import train
 
     out = train(config_from_dict(d), quiet=True)
+    if os.environ.get("MOKA_TEST_ORBAX_DIR"):
+        import moka_jax
+        moka_jax.save_adapter(out["model"], os.environ["MOKA_TEST_ORBAX_DIR"], format="orbax")
     import jax
     print(json.dumps({"losses": out["losses"], "devices": jax.device_count(),
                       "processes": jax.process_count()}))

@@ -1,8 +1,8 @@
 """Trainer invariants on a tiny random LLaMA with an nf4 base (CPU).
 
-Loss goes down; base bit-identical and every adapter leaf changed; one compile per bucket;
-sharded == unsharded; kill -9 then resume == uninterrupted (also past a damaged checkpoint);
-two processes == one; strict restores.
+Loss goes down; base bit-identical and every adapter leaf changed; one compile per bucket
+(one in all when packed); sharded == unsharded; kill -9 then resume == uninterrupted (also
+past a damaged checkpoint); two processes == one; strict restores.
 """
 
 import json
@@ -49,9 +49,9 @@ def tiny(out_dir, **over) -> dict:
     return d
 
 
-def run_subprocess(cfg: dict, devices: int = 1, dist=None, timeout=600):
+def run_subprocess(cfg: dict, devices: int = 1, dist=None, timeout=600, **env_extra):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **env_extra)
     args = [sys.executable, str(RUNNER), json.dumps(cfg)] + [str(a) for a in (dist or [])]
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=REPO)
@@ -136,12 +136,16 @@ def test_checkpoint_of_other_adapter_config_refused(reference, tmp_path):
         train(other, quiet=True)
 
 
-def test_compiles_once_per_bucket(tmp_path):
-    d = tiny(tmp_path, train__steps=8, train__save_every=0)
+def test_compiles_once_per_bucket_and_once_when_packed(tmp_path):
+    d = tiny(tmp_path / "unpacked", train__steps=8, train__save_every=0, data__packing=False)
     d["data"]["buckets"] = [368, 376, 384]  # byte lengths of these prompts span all three
     out = train(config_from_dict(d), quiet=True)
     assert len(out["buckets_seen"]) >= 2
     assert out["compilations"] == len(out["buckets_seen"])
+    d = tiny(tmp_path / "packed", train__steps=8, train__save_every=0)
+    d["data"]["buckets"] = [368, 376, 384]
+    out = train(config_from_dict(d), quiet=True)
+    assert out["buckets_seen"] == [384] and out["compilations"] == 1
 
 
 def test_eight_devices_equal_one(reference, tmp_path):
@@ -156,8 +160,16 @@ def test_two_processes_equal_one(reference, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     d = tiny(tmp_path / "multi")
-    procs = [run_subprocess(d, devices=1, dist=[pid, 2, port]) for pid in range(2)]
+    orbax_dir = tmp_path / "adapter-orbax"  # both processes write it together (orbax's rule)
+    procs = [run_subprocess(d, devices=1, dist=[pid, 2, port],
+                            MOKA_TEST_ORBAX_DIR=str(orbax_dir)) for pid in range(2)]
     results = [result(p) for p in procs]
     for res in results:
         assert res["processes"] == 2 and res["devices"] == 2
         np.testing.assert_allclose(res["losses"], reference["losses"], rtol=0, atol=1e-5)
+    from moka_jax import adapter_io
+    tree = adapter_io.read_values(orbax_dir)
+    exported = adapter_io.read_values(tmp_path / "multi" / "adapter")  # process 0's safetensors
+    assert sorted(tree) == sorted(exported)
+    for k in tree:
+        np.testing.assert_array_equal(tree[k], exported[k])
