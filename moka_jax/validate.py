@@ -122,6 +122,8 @@ def claim_run_dir(cfg: Config, out_dir: Path, fp: dict, inputs) -> tuple[str, in
             except CheckpointError:
                 continue
             outputs.write_marker(out_dir, RUN_COMMAND, owner=owner)
+            if (out_dir / "adapter").is_dir() and outputs.read_marker(out_dir / "adapter") is None:
+                outputs.write_marker(out_dir / "adapter", "save_adapter", owner=owner)
             break
     t = cfg.train
     state = outputs.check_output(
