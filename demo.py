@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parent
 
 
 def parse_args(argv=None):
+    from moka_jax.domains import COUNT, arg
     from moka_jax.eval.commonsense import TASKS
 
     ap = argparse.ArgumentParser(prog="python demo.py", description=__doc__,
@@ -37,8 +38,9 @@ def parse_args(argv=None):
                     help="config override, e.g. train.steps=80 (repeatable)")
     ap.add_argument("--tasks", nargs="+", default=list(TASKS))
     ap.add_argument("--data-dir", default=str(REPO / "data" / "commonsense"))
-    ap.add_argument("--limit", type=int, default=20, help="first N dev records per task")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--limit", type=arg(int, COUNT), default=20,
+                    help="first N dev records per task")
+    ap.add_argument("--batch-size", type=arg(int, COUNT), default=8)
     args = ap.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         ap.error(f"--limit must be >= 1, got {args.limit}")

@@ -65,9 +65,10 @@ def save_orbax(out_dir, params, meta: dict, overwrite: bool = False) -> Path:
 
     from moka_jax.train.checkpoint import local_numpy
 
+    from moka_jax.outputs import check_output, write_marker
+
     out_dir = Path(out_dir).expanduser().absolute()
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
+    check_output(out_dir, command="save_orbax", overwrite=overwrite)  # never someone's files
     old = out_dir.with_name(f".{out_dir.name}.old") if out_dir.exists() else None
     if old is not None:
         if jax.process_index() == 0:
@@ -78,8 +79,10 @@ def save_orbax(out_dir, params, meta: dict, overwrite: bool = False) -> Path:
     ckptr.save(out_dir, _string_keys(local_numpy(_pure(params))), custom_metadata=meta)
     ckptr.wait_until_finished()
     ckptr.close()
-    if old is not None and jax.process_index() == 0:
-        shutil.rmtree(old, ignore_errors=True)
+    if jax.process_index() == 0:
+        write_marker(out_dir, "save_orbax")
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 

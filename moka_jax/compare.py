@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from moka_jax.domains import COUNT, arg
+
 FORCED = {"model.quant": "none", "model.dtype": "float32"}
 
 
@@ -234,7 +236,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m moka_jax.compare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML config file (see configs/)")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=arg(int, COUNT), default=20)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value (model.quant / model.dtype are forced)")
     args = ap.parse_args(argv)

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import yaml
 
+from moka_jax import domains
 from moka_jax.adapters import ADAPTER_CONFIGS, MoKAConfig, adapter_config_from_dict
+from moka_jax.domains import BETA, COUNT, FRACTION, NON_NEGATIVE, POSITIVE, domain
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TARGETS = r"(q_proj|v_proj)$"
@@ -40,7 +42,7 @@ class ConfigError(ValueError):
 
 
 def _choices(*values):
-    return {"choices": values}
+    return domain(choices=values)
 
 
 # ----------------------------------------------------------------------------- the tree
@@ -50,15 +52,15 @@ def _choices(*values):
 class TinyModelConfig:
     """A random LLaMA for tests and debugging (model.path = "random")."""
 
-    vocab: int = BYTE_VOCAB_SIZE
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate: int = 128
+    vocab: int = field(default=BYTE_VOCAB_SIZE, metadata=domain(COUNT))
+    hidden: int = field(default=64, metadata=domain(COUNT))
+    layers: int = field(default=2, metadata=domain(COUNT))
+    heads: int = field(default=4, metadata=domain(COUNT))
+    kv_heads: int = field(default=2, metadata=domain(COUNT))
+    intermediate: int = field(default=128, metadata=domain(COUNT))
     tie_embeddings: bool = True
-    rope_theta: float = 10000.0
-    max_position: int = 2048
+    rope_theta: float = field(default=10000.0, metadata=domain(POSITIVE))
+    max_position: int = field(default=2048, metadata=domain(COUNT))
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class ModelConfig:
     path: str = "smollm2"          # HF directory | "smollm2" (embedded GGUF) | "random" (tiny)
     tokenizer: str | None = None   # None: from `path`; else HF directory | "smollm2" | "bytes"
     quant: str = field(default="nf4", metadata=_choices("nf4", "int4", "none"))
-    block_size: int = 64           # nf4 block / int4 group size
+    block_size: int = field(default=64, metadata=domain(COUNT))  # nf4 block / int4 group size
     double_quant: bool = False     # nf4 only: 8-bit quantised absmax
     int4_symmetric: bool = True    # int4 only
     dtype: str = field(default="bfloat16", metadata=_choices("float32", "bfloat16"))
@@ -99,8 +101,9 @@ class DataFile:
     """
 
     path: str
-    weight: float | None = None    # mixing weight; all files weighted or none (= concatenate)
-    limit: int | None = None       # use at most the first `limit` records
+    # mixing weight; all files weighted or none (= concatenate)
+    weight: float | None = field(default=None, metadata=domain(POSITIVE))
+    limit: int | None = field(default=None, metadata=domain(COUNT))  # the first `limit` records
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,8 @@ class DataFields:
 class DataConfig:
     train: list[DataFile] = field(default_factory=list)
     val: list[DataFile] = field(default_factory=list)
-    val_size: int = 0              # records held out of the training mixture for validation
+    # records held out of the training mixture for validation
+    val_size: int = field(default=0, metadata=domain(NON_NEGATIVE))
     format: str = field(default="auto", metadata=_choices("auto", "alpaca", "commonsense"))
     fields: DataFields = field(default_factory=DataFields)
     # alpaca: tloen/alpaca-lora's text; llm-adapters: LLM-Adapters' finetune.py string byte for
@@ -125,37 +129,43 @@ class DataConfig:
     template: str = field(default="alpaca", metadata=_choices("alpaca", "llm-adapters", "chat"))
     train_on_inputs: bool = False
     add_eos: bool = True
-    cutoff_len: int = 256
-    buckets: list[int] = field(default_factory=lambda: [64, 128, 256])
+    cutoff_len: int = field(default=256, metadata=domain(COUNT))
+    buckets: list[int] = field(default_factory=lambda: [64, 128, 256], metadata=domain(COUNT))
     # several examples per row of the largest bucket (segment ids keep them apart); with it
     # train.batch_size counts rows, and the step compiles once
     packing: bool = True
-    seed: int = 42                 # shuffling, mixing and the val split
+    seed: int = field(default=42, metadata=domain(NON_NEGATIVE))  # shuffling, mixing, val split
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 32           # global rows per optimizer step (one example each unless packing)
-    grad_accum: int = 1            # micro-batches per step (batch_size / grad_accum each)
-    lr: float = 2e-4
-    gate_lr_mult: float = 1.0      # MoKA gates' lr = lr x this (1.0 until bench/gate_lr_sweep.py is run)
-    warmup_steps: int = 100
+    steps: int = field(default=1000, metadata=domain(COUNT))
+    # global rows per optimizer step (one example each unless packing)
+    batch_size: int = field(default=32, metadata=domain(COUNT))
+    # micro-batches per step (batch_size / grad_accum each)
+    grad_accum: int = field(default=1, metadata=domain(COUNT))
+    lr: float = field(default=2e-4, metadata=domain(POSITIVE))
+    # MoKA gates' lr = lr x this (1.0 until bench/gate_lr_sweep.py is run)
+    gate_lr_mult: float = field(default=1.0, metadata=domain(POSITIVE))
+    warmup_steps: int = field(default=100, metadata=domain(NON_NEGATIVE))
     schedule: str = field(default="cosine", metadata=_choices("cosine", "linear", "constant"))
-    min_lr_ratio: float = 0.0      # end of the cosine / linear decay, as a fraction of lr
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip: float | None = 1.0  # global-norm clip; null = off
-    seed: int = 0                  # adapter init
-    log_every: int = 10
-    eval_every: int = 200          # 0 = never
-    eval_batches: int | None = None  # cap on validation batches; null = the whole val set
-    save_every: int = 500          # 0 = only at the end
-    keep_last: int = 3
+    # end of the cosine / linear decay, as a fraction of lr
+    min_lr_ratio: float = field(default=0.0, metadata=domain(FRACTION))
+    b1: float = field(default=0.9, metadata=domain(BETA))
+    b2: float = field(default=0.999, metadata=domain(BETA))
+    eps: float = field(default=1e-8, metadata=domain(POSITIVE))
+    weight_decay: float = field(default=0.0, metadata=domain(NON_NEGATIVE))
+    grad_clip: float | None = field(default=1.0, metadata=domain(POSITIVE))  # null = off
+    seed: int = field(default=0, metadata=domain(NON_NEGATIVE))  # adapter init
+    log_every: int = field(default=10, metadata=domain(COUNT))
+    eval_every: int = field(default=200, metadata=domain(NON_NEGATIVE))  # 0 = never
+    # cap on validation batches; null = the whole val set
+    eval_batches: int | None = field(default=None, metadata=domain(COUNT))
+    save_every: int = field(default=500, metadata=domain(NON_NEGATIVE))  # 0 = only at the end
+    keep_last: int = field(default=3, metadata=domain(COUNT))
     out_dir: str = "runs/{name}"
     resume: bool = True            # continue from the latest checkpoint in out_dir
+    overwrite: bool = False        # replace a run directory of another config / resume: false
 
 
 @dataclass(frozen=True)
@@ -164,14 +174,15 @@ class DistributedConfig:
 
     initialize: bool = False       # call it even with all fields null (cluster auto-detection)
     coordinator_address: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
+    num_processes: int | None = field(default=None, metadata=domain(COUNT))
+    process_id: int | None = field(default=None, metadata=domain(NON_NEGATIVE))
 
 
 @dataclass(frozen=True)
 class MeshConfig:
-    data: int = -1                 # -1 = all devices not used by the other axis
-    fsdp: int = 1
+    # -1 = all devices not used by the other axis
+    data: int = field(default=-1, metadata=domain("-1 or >= 1"))
+    fsdp: int = field(default=1, metadata=domain("-1 or >= 1"))
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
@@ -277,14 +288,7 @@ def _unknown_key(sources, prefix, key, valid):
     _error(sources, dotted, f"unknown key '{dotted}'{hint}")
 
 
-def _type_name(hint) -> str:
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return " or ".join(_type_name(a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return "null"
-    if typing.get_origin(hint) is list:
-        return f"list of {_type_name(typing.get_args(hint)[0])}"
-    return getattr(hint, "__name__", str(hint))
+_type_name = domains.type_name
 
 
 def _convert(hint, value, key, sources):
@@ -348,13 +352,18 @@ def _build(cls, d, prefix, sources):
             kwargs[f.name] = d[f.name]
             continue
         value = _convert(hints[f.name], d[f.name], key, sources)
-        choices = f.metadata.get("choices")
-        if choices and value not in choices:
-            _error(sources, key, f"{key} = {value!r}, expected one of {list(choices)}")
+        _check_domain(sources, key, value, f)
         kwargs[f.name] = value
     if cls is DataFile and "path" not in kwargs:
         _error(sources, prefix, f"{prefix} needs a 'path'")
     return cls(**kwargs)
+
+
+def _check_domain(sources, key, value, f: dataclasses.Field):
+    try:
+        domains.check_domain(key, value, domains.field_domain(f))
+    except ValueError as e:
+        _error(sources, key, str(e))
 
 
 def _build_adapter(d, sources):
@@ -381,10 +390,8 @@ def _build_adapter(d, sources):
     hints = typing.get_type_hints(cls)
     options = {k: _convert(hints[k], v, f"adapter.{k}", sources) for k, v in d.items()}
     for f in dataclasses.fields(cls):
-        choices = f.metadata.get("choices")
-        if choices and f.name in options and options[f.name] not in choices:
-            _error(sources, f"adapter.{f.name}",
-                   f"adapter.{f.name} = {options[f.name]!r}, expected one of {list(choices)}")
+        if f.name in options:
+            _check_domain(sources, f"adapter.{f.name}", options[f.name], f)
     try:
         config = adapter_config_from_dict({"kind": kind, **options})
     except (ValueError, TypeError) as e:
@@ -415,16 +422,11 @@ def _check(cfg: Config, sources: _Sources):
     m = cfg.model
     if not m.path:
         fail("model.path", "model.path is empty")
-    if m.block_size <= 0:
-        fail("model.block_size", f"model.block_size = {m.block_size}, expected > 0")
     if m.path == "random":
         if m.tokenizer is None:
             fail("model.tokenizer", "model.path 'random' needs model.tokenizer "
                  f"(one of {list(TOKENIZER_KEYWORDS)} or a HF tokenizer directory)")
         t = m.tiny
-        for name in ("vocab", "hidden", "layers", "heads", "kv_heads", "intermediate"):
-            if getattr(t, name) <= 0:
-                fail(f"model.tiny.{name}", f"model.tiny.{name} = {getattr(t, name)}, expected > 0")
         if t.hidden % t.heads or t.heads % t.kv_heads:
             fail("model.tiny", f"model.tiny: hidden ({t.hidden}) must divide by heads ({t.heads}) "
                  f"and heads by kv_heads ({t.kv_heads})")
@@ -453,20 +455,11 @@ def _check(cfg: Config, sources: _Sources):
         weighted = [f.weight is not None for f in files]
         if any(weighted) and not all(weighted):
             fail(f"data.{split}", f"data.{split}: give every file a weight, or none (concatenate)")
-        for i, f in enumerate(files):
-            if f.weight is not None and f.weight <= 0:
-                fail(f"data.{split}[{i}].weight", f"data.{split}[{i}].weight = {f.weight}, expected > 0")
-            if f.limit is not None and f.limit <= 0:
-                fail(f"data.{split}[{i}].limit", f"data.{split}[{i}].limit = {f.limit}, expected > 0")
-    if not d.buckets or any(b <= 0 for b in d.buckets) or list(d.buckets) != sorted(set(d.buckets)):
+    if not d.buckets or list(d.buckets) != sorted(set(d.buckets)):
         fail("data.buckets", f"data.buckets = {d.buckets}, expected positive, strictly increasing ints")
-    if d.cutoff_len <= 0:
-        fail("data.cutoff_len", f"data.cutoff_len = {d.cutoff_len}, expected > 0")
     if d.cutoff_len > d.buckets[-1]:
         fail("data.cutoff_len", f"data.cutoff_len = {d.cutoff_len} is larger than the largest bucket "
              f"{d.buckets[-1]} (data.buckets = {d.buckets}); add a bucket >= {d.cutoff_len} or lower it")
-    if d.val_size < 0:
-        fail("data.val_size", f"data.val_size = {d.val_size}, expected >= 0")
     columns = {}
     for part in ("instruction", "input", "output", "answer"):
         col = getattr(d.fields, part)
@@ -479,44 +472,20 @@ def _check(cfg: Config, sources: _Sources):
         columns.setdefault(col, part)
 
     t = cfg.train
-    for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last"):
-        if getattr(t, name) <= 0:
-            fail(f"train.{name}", f"train.{name} = {getattr(t, name)}, expected > 0")
-    for name in ("warmup_steps", "eval_every", "save_every", "weight_decay"):
-        if getattr(t, name) < 0:
-            fail(f"train.{name}", f"train.{name} = {getattr(t, name)}, expected >= 0")
-    if t.lr <= 0:
-        fail("train.lr", f"train.lr = {t.lr}, expected > 0")
-    if t.gate_lr_mult <= 0:
-        fail("train.gate_lr_mult", f"train.gate_lr_mult = {t.gate_lr_mult}, expected > 0 "
-             "(1.0 = the gates learn at train.lr)")
     if t.warmup_steps > t.steps:
         fail("train.warmup_steps", f"train.warmup_steps = {t.warmup_steps} exceeds train.steps = {t.steps}; lower it")
-    if not 0.0 <= t.min_lr_ratio <= 1.0:
-        fail("train.min_lr_ratio", f"train.min_lr_ratio = {t.min_lr_ratio}, expected in [0, 1]")
-    if t.grad_clip is not None and t.grad_clip <= 0:
-        fail("train.grad_clip", f"train.grad_clip = {t.grad_clip}, expected > 0 or null (off)")
-    if t.eval_batches is not None and t.eval_batches <= 0:
-        fail("train.eval_batches", f"train.eval_batches = {t.eval_batches}, expected > 0 or null")
     if t.batch_size % t.grad_accum:
         fail("train.batch_size", f"train.batch_size = {t.batch_size} is not divisible by "
              f"train.grad_accum = {t.grad_accum}")
 
     mesh = cfg.mesh
-    for name in ("data", "fsdp"):
-        v = getattr(mesh, name)
-        if v == 0 or v < -1:
-            fail(f"mesh.{name}", f"mesh.{name} = {v}, expected a positive size or -1 (the rest)")
     if mesh.data == -1 and mesh.fsdp == -1:
         fail("mesh", "mesh.data and mesh.fsdp cannot both be -1")
-    if mesh.data > 0 and mesh.fsdp > 0:
-        _check_batch_divides(cfg, mesh.data * mesh.fsdp, sources)
+    # The batch against data x fsdp is checked in validate(), once the device count is known:
+    # mesh.data = 3 on one device is a device problem first, not a batch one.
     dist = mesh.distributed
-    if dist.num_processes is not None and dist.num_processes <= 0:
-        fail("mesh.distributed.num_processes",
-             f"mesh.distributed.num_processes = {dist.num_processes}, expected > 0")
-    if dist.process_id is not None and (dist.process_id < 0 or (
-            dist.num_processes is not None and dist.process_id >= dist.num_processes)):
+    if dist.process_id is not None and (
+            dist.num_processes is not None and dist.process_id >= dist.num_processes):
         fail("mesh.distributed.process_id", f"mesh.distributed.process_id = {dist.process_id} is "
              f"outside [0, num_processes = {dist.num_processes})")
 
@@ -535,15 +504,18 @@ def _check_batch_divides(cfg: Config, batch_devices: int, sources: _Sources):
 def resolve_mesh(mesh: MeshConfig, num_devices: int) -> tuple[int, int]:
     """(data, fsdp) sizes for `num_devices`, filling in the -1 axis."""
     data, fsdp = mesh.data, mesh.fsdp
+    fix = (f"set mesh.data and mesh.fsdp so that data x fsdp = {num_devices} (the visible "
+           f"devices), e.g. mesh.data=-1 (all of them); more devices need more hardware, or "
+           f"XLA_FLAGS=--xla_force_host_platform_device_count=N to simulate them on a CPU")
     if data == -1 or fsdp == -1:
         known = fsdp if data == -1 else data
         if num_devices % known:
-            raise ConfigError(f"mesh: {num_devices} devices do not divide by "
-                              f"mesh.{'fsdp' if data == -1 else 'data'} = {known}")
+            raise ConfigError(f"mesh: {num_devices} visible device(s) do not divide by "
+                              f"mesh.{'fsdp' if data == -1 else 'data'} = {known}; {fix}")
         data, fsdp = (num_devices // known, fsdp) if data == -1 else (data, num_devices // known)
     if data * fsdp != num_devices:
         raise ConfigError(f"mesh: data ({data}) x fsdp ({fsdp}) = {data * fsdp} devices, "
-                          f"but {num_devices} are available")
+                          f"but {num_devices} are available; {fix}")
     return data, fsdp
 
 

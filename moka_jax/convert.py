@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moka_jax import files
+from moka_jax.domains import COUNT, arg
 from moka_jax.models.hf import (
     atomic_output_dir,
     copy_tokenizer_files,
@@ -31,6 +33,7 @@ from moka_jax.models.hf import (
     read_config,
 )
 from moka_jax.models.llama import Llama, LlamaConfig
+from moka_jax.outputs import check_output
 from moka_jax.nn import Linear
 from moka_jax.quant import QuantizedWeight
 
@@ -88,7 +91,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def save_converted(model: Llama, config: LlamaConfig, dst, *, tokenizer_dir=None,
-                   overwrite: bool = False, meta: dict | None = None) -> Path:
+                   overwrite: bool = False, meta: dict | None = None,
+                   command: str = "convert", inputs=()) -> Path:
     """Write the model's frozen tree with orbax plus config / tokenizer; atomic like save_hf."""
     import orbax.checkpoint as ocp
 
@@ -103,7 +107,8 @@ def save_converted(model: Llama, config: LlamaConfig, dst, *, tokenizer_dir=None
             arrays.update({f"{path}/{k}": v for k, v in _array_fields(value).items()})
         else:
             arrays[path] = value
-    with atomic_output_dir(dst, overwrite) as tmp:
+    with atomic_output_dir(dst, overwrite, command=command,
+                           inputs=[tokenizer_dir, *inputs]) as tmp:
         ckpt = ocp.StandardCheckpointer()
         ckpt.save(tmp / STATE_DIR, _nest(arrays))
         ckpt.wait_until_finished()
@@ -124,13 +129,19 @@ def load_converted(path, *, remat: bool = False) -> tuple[Llama, LlamaConfig]:
     if not is_converted(path):
         raise FileNotFoundError(f"{path / META_FILE}: missing; not a `python -m moka_jax.convert` "
                                 f"output directory")
-    info = json.loads((path / META_FILE).read_text())
-    dtype = jnp.dtype(info["dtype"])
+    fix = "run `python -m moka_jax.convert SRC DST --overwrite` again to rebuild it"
+    info = files.read_json_object(path / META_FILE, "convert metadata", fix)
+    dtype = jnp.dtype(info.get("dtype", "float32"))
     config = read_config(path)
-    quant_meta = json.loads((path / QUANT_FILE).read_text())
+    quant_meta = files.read_json_object(path / QUANT_FILE, "quantisation metadata", fix)
     model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, param_dtype=dtype, remat=remat,
                                          rngs=nnx.Rngs(0)))
-    arrays = _flatten(ocp.StandardCheckpointer().restore(path / STATE_DIR))
+    files.require_dir(path / STATE_DIR, "orbax state directory", fix)
+    try:
+        arrays = _flatten(ocp.StandardCheckpointer().restore(path / STATE_DIR))
+    except Exception as e:  # tensorstore / orbax errors name an internal key, not what to do
+        raise files.FileCheckError(path / STATE_DIR, "the converted weights cannot be read "
+                                   f"({str(e).splitlines()[0][:300]})", fix) from None
     for var_path in _frozen_leaves(model):
         if var_path in quant_meta:
             static = dict(quant_meta[var_path])
@@ -151,15 +162,16 @@ def load_converted(path, *, remat: bool = False) -> tuple[Llama, LlamaConfig]:
 
 def convert(src, dst, *, quant: str = "nf4", dtype=None, block_size: int = 64,
             double_quant: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
-    if Path(dst).exists() and not overwrite:  # before the heavy work, not after it
-        raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
     src = resolve_source(src)
+    # Before the heavy work, not after it; never over the source, whatever overwrite says.
+    check_output(dst, command="convert", inputs=[src], overwrite=overwrite)
     dtype = dtype or default_dtype()
     model, config = load_hf(src, quant, dtype=dtype, block_size=block_size,
                             double_quant=double_quant, progress=progress)
     meta = {"quant": quant, "block_size": block_size, "double_quant": double_quant,
             "source": str(Path(src).absolute())}
-    return save_converted(model, config, dst, tokenizer_dir=src, overwrite=overwrite, meta=meta)
+    return save_converted(model, config, dst, tokenizer_dir=src, overwrite=overwrite, meta=meta,
+                          inputs=[src])
 
 
 def frozen_nbytes(model) -> int:
@@ -175,7 +187,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                     help="float dtype of embeddings / norms / lm_head and compute "
                          "(default: f32 on CPU, bf16 on accelerators)")
-    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--block-size", type=arg(int, COUNT), default=64)
     ap.add_argument("--double-quant", action="store_true")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moka_jax import files
 from moka_jax.config import BYTE_VOCAB_SIZE, resolve_path
 
 log = logging.getLogger(__name__)
@@ -64,13 +65,17 @@ class DataError(ValueError):
 
 
 def _parse_file(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = files.read_text(path, "data file", "give a JSON list of records or JSON lines")
+    except files.FileCheckError as e:
+        raise DataError(str(e)) from None
     if path.suffix != ".jsonl":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             if not (e.msg == "Extra data" and text.lstrip().startswith("{")):
-                raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+                raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}; the file "
+                                "may be truncated or corrupt") from None
         else:
             if not isinstance(data, list):
                 raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
@@ -81,7 +86,8 @@ def _parse_file(path: Path) -> list:
             try:
                 out.append((f"line {n}", json.loads(line)))
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}:{e.colno}: invalid JSON: {e.msg}") from None
+                raise DataError(f"{path}:{n}:{e.colno}: invalid JSON: {e.msg}; the file may be "
+                                "truncated or corrupt") from None
     return out
 
 
@@ -191,6 +197,10 @@ def load_tokenizer(spec: str):
     path = resolve_path(spec)
     if not path.is_dir():
         raise DataError(f"tokenizer {spec!r} is neither 'bytes', 'smollm2' nor a directory")
+    try:
+        files.check_tokenizer_dir(path)
+    except files.FileCheckError as e:
+        raise DataError(str(e)) from None
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
@@ -302,26 +312,54 @@ class TokenizedData:
                              files, weights)
 
 
+def drop_reasons(lengths, labelled, cutoff_len: int, add_eos: bool) -> dict[str, int]:
+    """{why: count} for the examples with no labelled token (nothing to learn from)."""
+    reasons: dict[str, int] = {}
+    for n, has_label in zip(lengths, labelled):
+        if has_label:
+            continue
+        why = (f"a prompt that fills data.cutoff_len = {cutoff_len}" if n >= cutoff_len
+               else "an empty response" + ("" if add_eos else " and data.add_eos = false (no "
+                                                              "EOS token to learn)"))
+        reasons[why] = reasons.get(why, 0) + 1
+    return reasons
+
+
+def all_dropped_error(where, n: int, dropped: dict[str, int]) -> DataError:
+    fixes = [f for why, f in (("fills data.cutoff_len", "raise data.cutoff_len"),
+                              ("add_eos = false", "set data.add_eos = true"),
+                              ("empty response", "give the records a non-empty output"))
+             if any(why in w for w in dropped)]
+    return DataError(f"{where}: all {n} examples removed, none has a response token to learn: "
+                     + "; ".join(f"{c} with {w}" for w, c in dropped.items())
+                     + f"; {' or '.join(dict.fromkeys(fixes))}")
+
+
 def tokenize_file(path, tokenizer, *, format: str = "auto", limit: int | None = None,
                   template: str = "alpaca", cutoff_len: int = 256, train_on_inputs: bool = False,
-                  add_eos: bool = True, fields=None, cache_dir=None) -> TokenizedData:
+                  add_eos: bool = True, fields=None, cache_dir=None,
+                  report: list | None = None) -> TokenizedData:
     """One source (see load_records) -> TokenizedData, dropping examples with no response token
-    left after cutoff; tokenised by a cached datasets `.map` (datasets_io.tokenize_source)."""
+    left after cutoff; tokenised by a cached datasets `.map` (datasets_io.tokenize_source).
+    report: if given, {"file", "records", "kept", "dropped": {why: count}} is appended."""
     from moka_jax import datasets_io
 
     return datasets_io.tokenize_source(
         path, tokenizer, format=format, limit=limit, template=template, cutoff_len=cutoff_len,
-        train_on_inputs=train_on_inputs, add_eos=add_eos, fields=fields, cache_dir=cache_dir)
+        train_on_inputs=train_on_inputs, add_eos=add_eos, fields=fields, cache_dir=cache_dir,
+        report=report)
 
 
-def build_datasets(data_cfg, tokenizer) -> tuple[TokenizedData, TokenizedData | None]:
+def build_datasets(data_cfg, tokenizer, report: list | None = None
+                   ) -> tuple[TokenizedData, TokenizedData | None]:
     """(train, val) from a config.DataConfig: per-file limits, mixing weights, held-out split.
-    Every source is loaded and its columns checked before anything is compiled."""
+    Every source is loaded and its columns checked before anything is compiled.
+    report: collects tokenize_file's per-source counts (train sources first, then val)."""
     from moka_jax.datasets_io import is_dataset
 
     kw = dict(format=data_cfg.format, template=data_cfg.template, cutoff_len=data_cfg.cutoff_len,
               train_on_inputs=data_cfg.train_on_inputs, add_eos=data_cfg.add_eos,
-              fields=data_cfg.fields)
+              fields=data_cfg.fields, report=report)
 
     def load(files):
         return [tokenize_file(f.path if is_dataset(f.path) else resolve_path(f.path), tokenizer,

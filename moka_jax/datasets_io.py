@@ -76,7 +76,8 @@ class Where:
 
 
 def _first_char(path: Path) -> str:
-    with open(path, encoding="utf-8") as f:
+    # Only sniffing: a file that is not UTF-8 is named by the reader (files.read_text) later.
+    with open(path, encoding="utf-8", errors="replace") as f:
         while True:
             chunk = f.read(4096)
             if not chunk or chunk.strip():
@@ -245,9 +246,11 @@ def load_records(source, format: str = "auto", limit: int | None = None,
 
 def tokenize_source(source, tokenizer, *, format: str = "auto", limit: int | None = None,
                     template: str = "alpaca", cutoff_len: int = 256, train_on_inputs: bool = False,
-                    add_eos: bool = True, fields: DataFields | None = None, cache_dir=None):
+                    add_eos: bool = True, fields: DataFields | None = None, cache_dir=None,
+                    report: list | None = None):
     """One source -> data.TokenizedData, through a cached `.map(batched=True)`; examples with
-    no response token left after cutoff are dropped (all of them dropped is an error)."""
+    no response token left after cutoff are dropped (all of them dropped is an error, naming
+    why). report: if given, gets {"file", "records", "kept", "dropped": {why: count}}."""
     fields = fields or DataFields()
     ds, where = load_table(source, limit=limit, cache_dir=cache_dir)
     format = check_columns(ds, where, fields, format)
@@ -274,13 +277,14 @@ def tokenize_source(source, tokenizer, *, format: str = "auto", limit: int | Non
     (ids, offsets), (labels, _) = _flat(out, "input_ids"), _flat(out, "labels")
     labelled = np.concatenate([[0], np.cumsum(labels != D.IGNORE)])
     keep = np.flatnonzero(labelled[offsets[1:]] > labelled[offsets[:-1]])
+    labelled_rows = np.zeros(len(ds), bool)
+    labelled_rows[keep] = True
+    dropped = D.drop_reasons(np.diff(offsets), labelled_rows, cutoff_len, add_eos)
     if not len(keep):
-        raise DataError(
-            f"{where.name}: all {len(ds)} examples removed: none has a response token within "
-            f"data.cutoff_len = {cutoff_len} (the prompt fills it); raise cutoff_len")
-    if len(keep) < len(ds):
-        log.info("%s: dropped %d of %d examples whose prompt fills cutoff_len %d",
-                 where.name, len(ds) - len(keep), len(ds), cutoff_len)
+        raise D.all_dropped_error(where.name, len(ds), dropped)
+    if report is not None:  # validate.py prints the counts and the reasons
+        report.append({"file": str(where.name), "records": len(ds), "kept": len(keep),
+                       "dropped": dropped})
     rows = [slice(offsets[i], offsets[i + 1]) for i in keep]
     return D.TokenizedData([ids[r] for r in rows], [labels[r] for r in rows],
                            np.zeros(len(keep), np.int64), [where.name])

@@ -81,11 +81,11 @@ def merge_model(model, requantize: str | None = None):
 
 
 def export_hf(model, config, out_dir, tokenizer_dir=None, overwrite: bool = False, *,
-              merged: bool = True, dtype=np.float32) -> Path:
+              merged: bool = True, dtype=np.float32, inputs=()) -> Path:
     """A Hugging Face directory transformers loads: merged weights (or the base alone with
     merged=False). Refuses an existing out_dir unless overwrite; written atomically."""
     return save_hf(model, config, out_dir, tokenizer_dir=tokenizer_dir, merged=merged,
-                   dtype=dtype, overwrite=overwrite)
+                   dtype=dtype, overwrite=overwrite, command="export-hf", inputs=inputs)
 
 
 # ---- CLI --------------------------------------------------------------------------------------
@@ -107,8 +107,14 @@ def run(args) -> Path:
     fmt = {"peft-lokr": "peft"}.get(args.format, args.format)
     if fmt != "hf" and args.requantize:
         raise ValueError("--requantize applies to --format hf only (an adapter has no base)")
-    if Path(args.out).exists() and not args.overwrite:  # before the heavy work
-        raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it")
+    from moka_jax.convert import resolve_source
+    from moka_jax.outputs import check_output
+
+    command = "export-requantize" if args.requantize else f"export-{fmt}"
+    model_dir = None if args.model in (None, "random") else resolve_source(args.model)
+    inputs = [Path(args.adapter), model_dir]
+    # Before the heavy work; never over the adapter or the base, whatever --overwrite says.
+    check_output(args.out, command=command, inputs=inputs, overwrite=args.overwrite)
     if fmt == "orbax":
         from moka_jax.adapter_io import to_orbax
         return to_orbax(args.adapter, args.out, model=args.model, overwrite=args.overwrite)
@@ -122,8 +128,8 @@ def run(args) -> Path:
         meta = {"quant": args.requantize, "merged_adapter": str(Path(args.adapter).absolute()),
                 "source": str(tok_dir or args.model)}
         return save_converted(merged, config, args.out, tokenizer_dir=tok_dir,
-                              overwrite=args.overwrite, meta=meta)
-    return export_hf(model, config, args.out, tok_dir, args.overwrite)
+                              overwrite=args.overwrite, meta=meta, command=command, inputs=inputs)
+    return export_hf(model, config, args.out, tok_dir, args.overwrite, inputs=inputs)
 
 
 def main(argv=None) -> int:

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moka_jax.domains import COUNT, NON_NEGATIVE, TOP_P, arg, check
+
 
 def load_model(name_or_dir, quant: str = "nf4", dtype=None):
     """(model, config, directory with tokenizer files)."""
@@ -61,6 +63,12 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def _check_decoding(max_new_tokens, num_beams, prompt_multiple, cache_multiple):
+    for name, v in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams),
+                    ("prompt_multiple", prompt_multiple), ("cache_multiple", cache_multiple)):
+        check(f"generate: {name}", v, int, COUNT)
+
+
 def _left_padded(input_ids_BT, attention_mask_BT, pad_token_id: int, prompt_multiple: int):
     """(ids_BT, mask_BT) in numpy, length rounded up to prompt_multiple by masked left pads."""
     ids_BT = np.asarray(input_ids_BT, np.int32)
@@ -85,6 +93,10 @@ def generate(model, input_ids_BT, attention_mask_BT=None, *, max_new_tokens: int
     prompts of similar length reuse one compiled prefill and decode step.
     num_beams > 1 is `beam_search` (deterministic; length_penalty and early_stopping as in HF).
     """
+    _check_decoding(max_new_tokens, num_beams, prompt_multiple, cache_multiple)
+    check("generate: temperature", temperature, float, NON_NEGATIVE)
+    check("generate: top_p", top_p, float, TOP_P)
+    check("generate: seed", seed, int, NON_NEGATIVE)
     if num_beams > 1:
         if temperature > 0:
             raise ValueError("beam search here is deterministic: use temperature 0 with "
@@ -213,6 +225,7 @@ def beam_search(model, input_ids_BT, attention_mask_BT=None, *, num_beams: int =
     finished hypotheses, and the N best finished are kept. A prompt is done once no running beam
     can beat its worst finished one (early_stopping=False: scored at the current length).
     """
+    _check_decoding(max_new_tokens, num_beams, prompt_multiple, cache_multiple)
     ids_BT, mask_BT = _left_padded(input_ids_BT, attention_mask_BT, pad_token_id, prompt_multiple)
     (b, t), n, m = ids_BT.shape, num_beams, max_new_tokens
     eos = np.asarray(list(eos_token_ids), np.int32)
@@ -251,7 +264,9 @@ def beam_search(model, input_ids_BT, attention_mask_BT=None, *, num_beams: int =
 def load_tokenizer(path):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    from moka_jax.files import check_tokenizer_dir
+
+    tok = AutoTokenizer.from_pretrained(str(check_tokenizer_dir(path)), local_files_only=True)
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -289,11 +304,13 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help="smollm2 | HF directory | converted directory")
     ap.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--beams", type=int, default=1, help="beam search with N beams (1 = greedy)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=arg(int, COUNT), default=64)
+    ap.add_argument("--temperature", type=arg(float, NON_NEGATIVE), default=0.0,
+                    help="0 = greedy")
+    ap.add_argument("--top-p", type=arg(float, TOP_P), default=1.0)
+    ap.add_argument("--beams", type=arg(int, COUNT), default=1,
+                    help="beam search with N beams (1 = greedy)")
+    ap.add_argument("--seed", type=arg(int, NON_NEGATIVE), default=0)
     ap.add_argument("--quant", default=None, choices=("nf4", "int4", "none"),
                     help="for HF directories (a converted directory keeps its own); default: "
                          "none on CPU (4-bit decode is weight-dequantisation bound there, about "
@@ -302,12 +319,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:
+        from moka_jax.convert import resolve_source
         quant = args.quant or ("none" if jax.default_backend() == "cpu" else "nf4")
+        tokenizer = load_tokenizer(resolve_source(args.model))  # checked before the weights
         model, config, path = load_model(args.model, quant)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tokenizer = load_tokenizer(path)
     t1 = time.perf_counter()
     answers = answer(model, config, tokenizer, args.prompt, chat=not args.no_chat,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,

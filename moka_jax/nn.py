@@ -194,15 +194,23 @@ def module_names(model) -> list[str]:
     return sorted({p.rsplit("/", 1)[-1] for p in paths})
 
 
-def attach_adapters(model, config, targets=DEFAULT_TARGETS, *, rngs: nnx.Rngs):
+def attach_adapters(model, config, targets=DEFAULT_TARGETS, *, rngs: nnx.Rngs,
+                    replace: bool = False):
     """Attach config.build(...) to every linear layer whose path matches `targets`.
 
     targets: a regex searched in each path (`layers/0/attn/q_proj`) or, as PEFT's
     target_modules, a list of module names matched on the last component (['q_proj', 'v_proj']).
     Plain flax.nnx.Linear layers of any NNX model are adapted too: each matching one becomes a
     moka_jax Linear with the same kernel and bias, frozen (FrozenWeight, not an nnx.Param).
-    Returns the matched paths. Targets that match nothing are an error, never a no-op.
+    Returns the matched paths. Targets that match nothing are an error, never a no-op; so is a
+    layer that already has an adapter, unless replace=True.
     """
+    if not hasattr(config, "build"):
+        raise TypeError(f"config = {config!r}: expected an adapter config (MoKAConfig, "
+                        "MoKAsConfig, LoRAConfig, DoRAConfig)")
+    if not isinstance(targets, str | list | tuple):
+        raise TypeError(f"targets = {targets!r} ({type(targets).__name__}): expected a regex "
+                        "string or a list of module names")
     match = target_matcher(targets)
     if not linear_paths(model) and not _nnx_linears(model):
         raise ValueError(f"{_describe(targets)}: the model has no Linear or nnx.Linear layers")
@@ -213,6 +221,10 @@ def attach_adapters(model, config, targets=DEFAULT_TARGETS, *, rngs: nnx.Rngs):
         sample = ", ".join(p for p, _ in layers[:8])
         raise ValueError(f"{_describe(targets)} matches no Linear layer; paths look like: "
                          f"{sample}; the module names are {module_names(model)}")
+    taken = [p for p, m in matched if m.adapter is not None]
+    if taken and not replace:
+        raise ValueError(f"{len(taken)} matched layer(s) already have an adapter ({taken[:3]}"
+                         f"{' ...' if len(taken) > 3 else ''}); pass replace=True to replace them")
     for path, layer in matched:
         layer.adapter = config.build(layer, path, rngs)
     # Recorded on the model so save_adapter / summary know what was attached (static data).

@@ -259,11 +259,14 @@ def is_peft_dir(path) -> bool:
 
 
 def read_peft_config(peft_dir) -> dict:
+    from moka_jax import files
+
     file = Path(peft_dir) / CONFIG_FILE
     try:
-        cfg = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise PeftError(f"{file}: not a readable PEFT adapter config ({e})") from None
+        cfg = files.read_json_object(file, "PEFT adapter config",
+                                     "save the adapter again with PeftModel.save_pretrained")
+    except files.FileCheckError as e:
+        raise PeftError(str(e)) from None
     kind = cfg.get("peft_type")
     if kind != "LORA":
         raise PeftError(f"{file}: peft_type {kind!r}; moka-jax imports PEFT LoRA / DoRA "
@@ -296,6 +299,11 @@ def read_peft(peft_dir, llama_config) -> tuple[dict, dict[str, np.ndarray]]:
     if not file.is_file():
         raise PeftError(f"{peft_dir}: no {WEIGHTS_FILE} (pickled adapter_model.bin files are "
                         "never loaded; re-save the adapter with safe_serialization=True)")
+    from moka_jax import files
+    try:  # named before safetensors reads it: truncated / random bytes
+        files.safetensors_header(file, "save the adapter again with PeftModel.save_pretrained")
+    except files.FileCheckError as e:
+        raise PeftError(str(e)) from None
     raw = load_file(str(file))
     ours = {hf: path for path, hf in hf_module_map(llama_config).items()}
     values, shapes = {}, {}

@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import math
 
+from moka_jax.domains import COUNT, check
+
 KronShape = tuple[tuple[int, int], tuple[int, int]]
 
 # Padding above this fraction of a dim is wasted compute; dims that do not factor
@@ -24,6 +26,15 @@ def _layer(layer: str) -> str:
     return f"layer '{layer}'" if layer else "adapter"
 
 
+def _check_dims(fn: str, m, n, r=None, budget=None) -> None:
+    """The planners' arguments, through the one domain checker (clear TypeError / ValueError)."""
+    check(f"{fn}: m (out features)", m, int, COUNT)
+    check(f"{fn}: n (in features)", n, int, COUNT)
+    if r is not None:
+        check(f"{fn}: r", r, int, COUNT)
+    check(f"{fn}: budget", budget, int | None, COUNT)
+
+
 def moka_params(shape: KronShape) -> int:
     (ma, na), (mb, nb) = shape
     return ma * na + mb * nb
@@ -31,6 +42,10 @@ def moka_params(shape: KronShape) -> int:
 
 def validate_kron_shapes(shapes, m: int, n: int, layer: str = "") -> list[KronShape]:
     """Normalise explicit shapes to tuples and check each covers (m, n)."""
+    _check_dims("validate_kron_shapes", m, n)
+    if not isinstance(shapes, list | tuple):
+        raise TypeError(f"{_layer(layer)}: shapes = {shapes!r}, expected a list of "
+                        "((ma, na), (mb, nb)) pairs")
     if len(shapes) < 1:
         raise ValueError(f"{_layer(layer)}: MoKA needs r >= 1 components, got 0 shapes")
     out = []
@@ -143,8 +158,7 @@ def plan_moka_shapes(m: int, n: int, r: int, budget: int | None = None, layer: s
     that sharing: on a 4096->1024 layer, r=10, planning 5 shapes x 2 or putting all shapes on
     one input split made the apply at most 10% faster (bench/adapter_ops.py, 2048 tokens).
     """
-    if r < 1:
-        raise ValueError(f"{_layer(layer)}: MoKA needs r >= 1 components, got r={r}")
+    _check_dims("plan_moka_shapes", m, n, r, budget)
     cands = _candidates(m, n)
     if exact:
         cands = [s for s in lokr_factors_by_shape(m, n) if s[0][0] * s[0][1] > 1
@@ -204,6 +218,10 @@ def mokas_params(m: int, n: int, p: int) -> int:
 
 
 def validate_primes(primes, m: int, n: int, layer: str = "") -> list[int]:
+    _check_dims("validate_primes", m, n)
+    if not isinstance(primes, list | tuple) or not all(
+            isinstance(p, int) and not isinstance(p, bool) for p in primes):
+        raise TypeError(f"{_layer(layer)}: primes = {primes!r}, expected a list of ints")
     primes = [int(p) for p in primes]
     if len(primes) < 1:
         raise ValueError(f"{_layer(layer)}: MoKAs needs r >= 1 block sizes, got none")
@@ -226,8 +244,7 @@ def plan_mokas_primes(m: int, n: int, r: int, budget: int | None = None, layer: 
     budget=None uses the cheapest MoKA component budget, r * 2 * sqrt(m * n) rounded, so a
     default MoKAs layer costs about what a default MoKA layer of the same r does.
     """
-    if r < 1:
-        raise ValueError(f"{_layer(layer)}: MoKAs needs r >= 1 components, got r={r}")
+    _check_dims("plan_mokas_primes", m, n, r, budget)
     cap = (2 * math.isqrt(m * n)) if budget is None else budget // r
     primes = [p for p in range(2, n + 1) if is_prime(p) and mokas_params(m, n, p) <= cap]
     if len(primes) < r:

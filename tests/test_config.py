@@ -218,11 +218,13 @@ def test_wrong_type_names_key_value_and_type(tmp_path):
 
 
 def test_batch_not_divisible_by_data_axis():
-    msg = error(C.config_from_dict, minimal(train={"batch_size": 30}, mesh={"data": 4}))
+    # Checked once the device count is known (validate), after the mesh fits the devices.
+    cfg = C.config_from_dict(minimal(train={"batch_size": 30}, mesh={"data": 4}))
+    msg = error(C.validate, cfg, num_devices=4)
     assert "train.batch_size = 30" in msg and "data x fsdp" in msg and "(4 devices)" in msg
     # Sharded over both axes: 12 fits data = 4 alone but not 4 x 2 (found by a README review).
-    msg = error(C.config_from_dict, minimal(train={"batch_size": 12}, mesh={"data": 4, "fsdp": 2}))
-    assert "(8 devices)" in msg
+    cfg = C.config_from_dict(minimal(train={"batch_size": 12}, mesh={"data": 4, "fsdp": 2}))
+    assert "(8 devices)" in error(C.validate, cfg, num_devices=8)
     msg = error(C.validate, C.config_from_dict(minimal(train={"batch_size": 12},
                                                        mesh={"fsdp": 2})), num_devices=8)
     assert "(8 devices)" in msg
@@ -231,6 +233,14 @@ def test_batch_not_divisible_by_data_axis():
     assert "train.batch_size = 30" in msg and "(4 devices)" in msg
     C.validate(cfg, num_devices=2)
     assert "grad_accum" in error(C.config_from_dict, minimal(train={"batch_size": 30, "grad_accum": 4}))
+
+
+def test_mesh_larger_than_the_devices_blames_the_devices():
+    # mesh.data = 3 with batch 8 on one device: the device count is the problem, not the batch.
+    cfg = C.config_from_dict(minimal(train={"batch_size": 8}, mesh={"data": 3}))
+    msg = error(C.validate, cfg, num_devices=1)
+    assert "3 devices, but 1 are available" in msg and "batch" not in msg
+    assert "mesh.data=-1" in msg
 
 
 def test_mesh_resolution():

@@ -100,13 +100,20 @@ def test_hf_export_matches_jax_merged(tmp_path):
 def test_existing_target_refused_and_overwrite(tmp_path):
     model = adapted_model(MoKAConfig(shapes=(((8, 8), (8, 8)),), gated=False),
                           targets=r"q_proj$")
-    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken").mkdir()  # an empty directory is free to use
+    export.export_hf(model, TINY, tmp_path / "taken")
     for write in (lambda o: export.export_hf(model, TINY, tmp_path / "taken", overwrite=o),
                   lambda o: export_peft(model, tmp_path / "taken", None, overwrite=o)):
         with pytest.raises(FileExistsError, match="overwrite"):
             write(False)
         write(True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no temp dirs left
+    # Files moka_jax did not write are never replaced, not even with overwrite.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"did not write \(notes.txt\).*not even with"):
+        export.export_hf(model, TINY, tmp_path / "mine", overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_cli_exports_a_trained_adapter_dir(tmp_path):

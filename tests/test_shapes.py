@@ -40,9 +40,9 @@ def test_paper_budget_on_llama2_7b_attention():
 def test_budget_too_small_and_bad_r():
     with pytest.raises(ValueError, match=r"layer 'q'.*budget 100 is too small.*>= r \* 8192 = 32768"):
         shapes.plan_moka_shapes(4096, 4096, 4, 100, layer="q")
-    with pytest.raises(ValueError, match="r >= 1"):
+    with pytest.raises(ValueError, match="r = 0, expected >= 1"):
         shapes.plan_moka_shapes(64, 64, 0)
-    with pytest.raises(ValueError, match="r >= 1"):
+    with pytest.raises(ValueError, match="r = 0, expected >= 1"):
         shapes.plan_mokas_primes(64, 64, 0)
     with pytest.raises(ValueError, match="too small"):
         shapes.plan_mokas_primes(64, 64, 4, budget=8)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moka_jax.adapters.init import add_in_f32, kaiming_uniform
+from moka_jax.domains import COUNT, POSITIVE, check_fields, domain
 from moka_jax.kron import accumulation_dtype
 from moka_jax.variables import AdapterParam
 
@@ -84,9 +85,12 @@ class DoRA(LoRA):
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
-    r: int = 16
-    alpha: float = 32.0
+    r: int = dataclasses.field(default=16, metadata=domain(COUNT))
+    alpha: float = dataclasses.field(default=32.0, metadata=domain(POSITIVE))
     kind: str = "lora"
+
+    def __post_init__(self):
+        check_fields(self)
 
     def build(self, base, name: str, rngs: nnx.Rngs) -> LoRA:
         return LoRA(base.in_features, base.out_features, self.r, self.alpha, rngs=rngs, name=name)
@@ -94,9 +98,12 @@ class LoRAConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DoRAConfig:
-    r: int = 8
-    alpha: float = 16.0
+    r: int = dataclasses.field(default=8, metadata=domain(COUNT))
+    alpha: float = dataclasses.field(default=16.0, metadata=domain(POSITIVE))
     kind: str = "dora"
+
+    def __post_init__(self):
+        check_fields(self)
 
     def build(self, base, name: str, rngs: nnx.Rngs) -> DoRA:
         return DoRA(base.in_features, base.out_features, self.r, self.alpha,

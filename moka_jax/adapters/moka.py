@@ -18,6 +18,7 @@ from flax import nnx
 
 from moka_jax import kron, shapes as shapes_lib
 from moka_jax.adapters.init import add_in_f32, kaiming_uniform
+from moka_jax.domains import COUNT, POSITIVE, check_fields, domain
 from moka_jax.variables import AdapterParam
 
 # From bench/scale_sweep.py (2026-11-28, CPU): teacher-student fit of one 576x576 layer,
@@ -152,17 +153,18 @@ class MoKAConfig:
     exports to PEFT (`moka_jax.peft_io`); explicit shapes are used as given.
     """
 
-    r: int = 10
+    r: int = dataclasses.field(default=10, metadata=domain(COUNT))
     shapes: tuple | None = None
-    budget: int | None = None
-    scale: float = DEFAULT_SCALE
+    budget: int | None = dataclasses.field(default=None, metadata=domain(COUNT))
+    scale: float = dataclasses.field(default=DEFAULT_SCALE, metadata=domain(POSITIVE))
     gated: bool = True
     exact: bool = False
     # How the apply runs (kron.resolve_schedule): auto = chunked on CPU, batched on GPU / TPU.
-    schedule: str = dataclasses.field(default="auto", metadata={"choices": kron.SCHEDULES})
+    schedule: str = dataclasses.field(default="auto", metadata=domain(choices=kron.SCHEDULES))
     kind: str = "moka"
 
     def __post_init__(self):
+        check_fields(self)
         kron.check_schedule(self.schedule)
 
     def layer_shapes(self, m: int, n: int, name: str = ""):
@@ -180,12 +182,15 @@ class MoKAConfig:
 class MoKAsConfig:
     """MoKAs on every target layer. primes (explicit, win over the planner) or r + budget."""
 
-    r: int = 4
+    r: int = dataclasses.field(default=4, metadata=domain(COUNT))
     primes: tuple | None = None
-    budget: int | None = None
-    scale: float = DEFAULT_SCALE
+    budget: int | None = dataclasses.field(default=None, metadata=domain(COUNT))
+    scale: float = dataclasses.field(default=DEFAULT_SCALE, metadata=domain(POSITIVE))
     gated: bool = True
     kind: str = "mokas"
+
+    def __post_init__(self):
+        check_fields(self)
 
     def layer_primes(self, m: int, n: int, name: str = ""):
         if self.primes is not None:

@@ -24,12 +24,12 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 from moka_jax.config import REPO_ROOT as REPO
 
 
 def parse_args(argv=None):
+    from moka_jax.domains import COUNT, NON_NEGATIVE, arg
     from moka_jax.eval.commonsense import PROMPT_TEMPLATES, TASKS
 
     ap = argparse.ArgumentParser(prog="moka-eval", description=__doc__,
@@ -48,29 +48,28 @@ def parse_args(argv=None):
                     help="prompt template; default: the adapter's training data.template, else "
                          "alpaca. llm-adapters-eval = LLM-Adapters' evaluation string "
                          "(commonsense only)")
-    ap.add_argument("--limit", type=int, default=None,
+    ap.add_argument("--limit", type=arg(int, COUNT), default=None,
                     help="first N records per task / file, or N val questions per MMLU subject")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--beams", type=int, default=1,
+    ap.add_argument("--batch-size", type=arg(int, COUNT), default=8)
+    ap.add_argument("--max-new-tokens", type=arg(int, COUNT), default=32)
+    ap.add_argument("--beams", type=arg(int, COUNT), default=1,
                     help="--mode generate: beam search with N beams (default 1 = greedy, fast on "
                          "CPU; LLM-Adapters used 4)")
-    ap.add_argument("--seed", type=int, default=0, help="adapter init seed before loading "
+    ap.add_argument("--seed", type=arg(int, NON_NEGATIVE), default=0, help="adapter init seed before loading "
                     "(irrelevant to results: decoding is deterministic)")
     ap.add_argument("--perplexity", metavar="FILE", default=None,
                     help="perplexity of the responses of an Alpaca-format JSON file instead")
-    ap.add_argument("--cutoff-len", type=int, default=512, help="perplexity: max tokens")
+    ap.add_argument("--cutoff-len", type=arg(int, COUNT), default=512, help="perplexity: max tokens")
     ap.add_argument("--mmlu", action="store_true", help="MMLU k-shot accuracy instead")
     ap.add_argument("--mmlu-dir", default=str(REPO / "data" / "mmlu"))
-    ap.add_argument("--shots", type=int, default=5)
+    ap.add_argument("--shots", type=arg(int, NON_NEGATIVE), default=5)
     ap.add_argument("--out", default=None, help="JSON file with every prediction")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = ap.parse_args(argv)
     if args.template is not None and args.mmlu:
         ap.error("--template does not apply to --mmlu (MMLU prompts are plain k-shot text)")
     if args.template == "llm-adapters-eval" and args.perplexity:
         ap.error("--template llm-adapters-eval applies to commonsense evaluation only")
-    if args.beams < 1:
-        ap.error("--beams: at least 1 (1 = greedy)")
     if args.beams != 1 and (args.mode != "generate" or args.perplexity or args.mmlu):
         ap.error("--beams applies to --mode generate only")
     return args
@@ -79,14 +78,18 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
-    from moka_jax.data import DataError
     from moka_jax.eval import commonsense as cs
-    from moka_jax.eval.loading import AdapterMismatch, load_eval_model
-    from moka_jax.train.checkpoint import CheckpointError
+    from moka_jax.eval.loading import load_eval_model
+    from moka_jax.outputs import check_output_file, write_file_atomic
+    from moka_jax.validate import user_errors
 
     try:
         tasks = None
-        # Data errors surface before the model is loaded.
+        # Input problems surface before the model is loaded: the output path, then the data.
+        if args.out:
+            data = args.perplexity or (args.mmlu_dir if args.mmlu else args.data_dir)
+            inputs = [data, args.adapter, None if args.model == "smollm2" else args.model]
+            check_output_file(args.out, command="eval", inputs=inputs, overwrite=args.overwrite)
         if args.perplexity:
             from moka_jax.data import load_records
             load_records(args.perplexity, "alpaca", args.limit)
@@ -96,14 +99,13 @@ def main(argv=None) -> int:
         model, config, tok = load_eval_model(args.model, args.quant, args.adapter, seed=args.seed)
         args.template = args.template or training_template(args.adapter)
         report = run(args, model, config, tok, tasks)
-    except (ValueError, FileNotFoundError, DataError, AdapterMismatch, CheckpointError) as e:
+    except (*user_errors(), ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     report.update(model=args.model, quant=args.quant, adapter=args.adapter,
                   seconds=round(time.perf_counter() - t0, 1))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
+        write_file_atomic(args.out, json.dumps(report, indent=1))
         print(f"predictions: {args.out}", file=sys.stderr)
     return 0
 

@@ -20,8 +20,16 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from moka_jax.train.loop import train  # heavy imports only after the config is valid
-    train(cfg)
+    # Heavy imports only after the config is valid. prepare() checks everything a run needs
+    # before any weight is loaded; an input problem found then, or later, exits with 2.
+    from moka_jax.train.loop import prepare, train
+    from moka_jax.validate import user_errors
+
+    try:
+        train(cfg, plan=prepare(cfg))
+    except user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import jax.numpy as jnp
 from flax import nnx
 
-from moka_jax import adapter_io, nn
+from moka_jax import adapter_io, files, nn
 from moka_jax.adapters import adapter_config_from_dict
 from moka_jax.train.checkpoint import CheckpointError, _flat, compare_signatures, tree_signature
 
@@ -36,7 +35,7 @@ def resolve_model(name_or_dir) -> Path:
 
 def _config_dict(path: Path) -> dict | None:
     file = Path(path) / "config.json"
-    return json.loads(file.read_text()) if file.is_file() else None
+    return files.read_json_object(file, "model config") if file.is_file() else None
 
 
 def check_adapter_base(meta: dict, model_dir, quant: str) -> None:
@@ -112,6 +111,7 @@ def load_eval_model(model: str = "smollm2", quant: str = "none", adapter=None, *
     from moka_jax.models.hf import load_hf, read_config
 
     path = resolve_model(model)
+    files.check_tokenizer_dir(path)  # before the weights, not after them
     if adapter is not None:
         config = read_config(path)
         meta = adapter_io.read_meta(adapter, config)

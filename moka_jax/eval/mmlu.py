@@ -8,11 +8,12 @@ categories.py map) and overall; category and overall accuracies weight every que
 from __future__ import annotations
 
 import csv
-import json
+import io
 from pathlib import Path
 
 import numpy as np
 
+from moka_jax import files
 from moka_jax.data import DataError, pad_id
 from moka_jax.eval.commonsense import score_continuations
 
@@ -25,14 +26,17 @@ def read_csv(path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"MMLU file not found: {path}")
     rows = []
-    with path.open(newline="", encoding="utf-8") as f:
-        for n, row in enumerate(csv.reader(f), 1):
-            if len(row) != 6:
-                raise DataError(f"{path}: row {n}: expected 6 columns (question, A, B, C, D, "
-                                f"answer), got {len(row)}")
-            if row[5].strip() not in CHOICES:
-                raise DataError(f"{path}: row {n}: field 'answer' = {row[5]!r}, expected A-D")
-            rows.append({"question": row[0], "choices": row[1:5], "answer": row[5].strip()})
+    try:
+        text = files.read_text(path, "MMLU CSV file")
+    except files.FileCheckError as e:
+        raise DataError(str(e)) from None
+    for n, row in enumerate(csv.reader(io.StringIO(text, newline="")), 1):
+        if len(row) != 6:
+            raise DataError(f"{path}: row {n}: expected 6 columns (question, A, B, C, D, "
+                            f"answer), got {len(row)}")
+        if row[5].strip() not in CHOICES:
+            raise DataError(f"{path}: row {n}: field 'answer' = {row[5]!r}, expected A-D")
+        rows.append({"question": row[0], "choices": row[1:5], "answer": row[5].strip()})
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
@@ -55,7 +59,7 @@ def build_prompt(subject: str, shots: list[dict], row: dict) -> str:
 
 def load_categories(path) -> dict[str, str]:
     """subject -> category (STEM, humanities, social sciences, other)."""
-    d = json.loads(Path(path).read_text())
+    d = files.read_json_object(path, "MMLU categories file")
     sub_to_cat = {s: c.split(" (")[0] for c, subs in d["categories"].items() for s in subs}
     return {subject: sub_to_cat[subs[0]] for subject, subs in d["subcategories"].items()}
 

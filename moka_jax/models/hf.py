@@ -9,12 +9,9 @@ bf16 checkpoints need no torch and peak host memory stays near the quantised mod
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -23,6 +20,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from moka_jax import files as fio
+from moka_jax import outputs
 from moka_jax.models.llama import Llama, LlamaConfig
 from moka_jax.nn import Linear
 
@@ -36,8 +35,13 @@ _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
               "F64": np.float64}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(fio.FileCheckError):
     """A checkpoint directory that cannot be loaded; the message names the file and tensor."""
+
+
+_REFETCH = ("re-download or re-export the model (a copy interrupted mid-write is the usual "
+            "cause)")
+CONVERTED_META = "moka_convert.json"  # what `python -m moka_jax.convert` writes (convert.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,14 +91,12 @@ class _Entry:
 
 
 def _read_header(file: Path) -> dict[str, _Entry]:
+    """The tensor index of one safetensors file, checked against the file's size."""
     try:
-        with open(file, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-    header.pop("__metadata__", None)
-    return {name: _Entry(file, e["dtype"], tuple(e["shape"]), 8 + n + e["data_offsets"][0],
+        header, _, start = fio.safetensors_header(file, fix=_REFETCH)
+    except fio.FileCheckError as e:
+        raise CheckpointError(str(e)) from None
+    return {name: _Entry(file, e["dtype"], tuple(e["shape"]), start + e["data_offsets"][0],
                          e["data_offsets"][1] - e["data_offsets"][0]) for name, e in header.items()}
 
 
@@ -105,6 +107,9 @@ def _read_tensor(name: str, e: _Entry) -> np.ndarray:
                               f"dtype ({', '.join(_ST_DTYPES)})")
     dt = np.dtype(_ST_DTYPES[e.dtype])
     raw = np.fromfile(e.file, dtype=np.uint8, count=e.nbytes, offset=e.offset)
+    if raw.size != e.nbytes:  # the header was checked against the size; the file shrank since
+        raise CheckpointError(e.file, f"tensor {name} is cut short ({raw.size} of {e.nbytes} "
+                              "bytes): the file is truncated", _REFETCH)
     return raw.view(dt).reshape(e.shape)
 
 
@@ -142,9 +147,9 @@ def read_config(path) -> LlamaConfig:
     if not file.is_file():
         raise CheckpointError(f"{file}: missing; a Hugging Face model directory needs config.json")
     try:
-        d = json.loads(file.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+        d = fio.read_json_object(file, "model config", fix=_REFETCH)
+    except fio.FileCheckError as e:
+        raise CheckpointError(str(e)) from None
     archs = d.get("architectures") or []
     arch = archs[0] if archs else None
     if arch not in ACCEPTED_ARCHITECTURES:
@@ -163,9 +168,20 @@ def read_config(path) -> LlamaConfig:
 def checkpoint_index(path) -> dict[str, _Entry]:
     """name -> where its bytes are, for a single-file or sharded (index.json) checkpoint."""
     path = Path(path)
+    if (path / CONVERTED_META).is_file():
+        source = fio.read_json_object(path / CONVERTED_META).get("source")
+        raise CheckpointError(
+            f"{path}: a `python -m moka_jax.convert` directory (pre-quantised orbax, not Hugging "
+            "Face safetensors); `python -m moka_jax.generate --model` loads it, training and "
+            "eval.py need the Hugging Face directory it was converted from"
+            + (f" ({source})" if source else ""))
     index_file = path / "model.safetensors.index.json"
     if index_file.is_file():
-        weight_map = json.loads(index_file.read_text()).get("weight_map", {})
+        try:
+            index = fio.read_json_object(index_file, "shard index", fix=_REFETCH)
+        except fio.FileCheckError as e:
+            raise CheckpointError(str(e)) from None
+        weight_map = index.get("weight_map", {})
         files = sorted({path / f for f in weight_map.values()})
         for f in files:
             if not f.is_file():
@@ -215,7 +231,13 @@ def check_tokenizer(path, config: LlamaConfig):
         return
     from tokenizers import Tokenizer
 
-    n = Tokenizer.from_file(str(file)).get_vocab_size(with_added_tokens=True)
+    fix = "copy a good tokenizer.json from the model's original repository"
+    fio.read_json_object(file, "tokenizer file", fix)
+    try:
+        n = Tokenizer.from_file(str(file)).get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # the tokenizers library's errors do not name the file
+        raise CheckpointError(file, f"not a tokenizer the `tokenizers` library reads ({e})",
+                              fix) from None
     if n > config.vocab_size:
         raise CheckpointError(f"{file}: tokenizer has {n} tokens but model.embed_tokens.weight has "
                               f"{config.vocab_size} rows (config.json vocab_size)")
@@ -303,26 +325,9 @@ def load_hf(path, quant: str = "nf4", *, dtype=None, block_size: int = 64,
 
 # ---- export ----------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def atomic_output_dir(out_dir, overwrite: bool = False):
-    """Yield a temp dir beside out_dir; on success it replaces out_dir in one rename."""
-    out_dir = Path(out_dir).expanduser().absolute()
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        yield tmp
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old.{os.getpid()}")
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def atomic_output_dir(out_dir, overwrite: bool = False, *, command: str = "save_hf", inputs=()):
+    """outputs.atomic_output_dir: the one safe-output check, then an atomic rename."""
+    return outputs.atomic_output_dir(out_dir, overwrite, command=command, inputs=inputs)
 
 
 def copy_tokenizer_files(src, dst) -> list[str]:
@@ -345,7 +350,8 @@ def _tensor_getter(model, spec: TensorSpec, merged: bool):
 
 
 def save_hf(model: Llama, config: LlamaConfig, out_dir, *, tokenizer_dir=None, merged: bool = True,
-            dtype=np.float32, max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> Path:
+            dtype=np.float32, max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False,
+            command: str = "save_hf", inputs=()) -> Path:
     """Write a HF directory transformers loads unchanged (LlamaForCausalLM.from_pretrained).
 
     merged: Linears with an adapter are written as dequantised base + dW; with merged=False
@@ -362,7 +368,8 @@ def save_hf(model: Llama, config: LlamaConfig, out_dir, *, tokenizer_dir=None, m
             size = 0
         shards[-1].append(s)
         size += nbytes
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, command=command,
+                           inputs=[tokenizer_dir, *inputs]) as tmp:
         n = len(shards)
         names = (["model.safetensors"] if n == 1 else
                  [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from moka_jax import data as data_lib
 from moka_jax import nn
 from moka_jax.adapters import MoKA, MoKAs, adapter_config_to_dict
-from moka_jax.config import Config, DataFields, resolve_path, validate
+from moka_jax.config import Config, DataFields, resolve_path
 from moka_jax.train import sharding
 from moka_jax.train.checkpoint import TrainCheckpointer, local_numpy, save_adapter
 from moka_jax.train.metrics import MetricsWriter, plot_gates, plot_loss, read_metrics
@@ -26,7 +26,7 @@ from moka_jax.train.step import TrainStep, split_model, step_inputs
 
 # Keys that may change between a run and its resumption without changing what is trained.
 _VOLATILE = {"train": {"steps", "log_every", "eval_every", "eval_batches", "save_every",
-                       "keep_last", "resume", "out_dir"}, "mesh": None}
+                       "keep_last", "resume", "overwrite", "out_dir"}, "mesh": None}
 # Keys added after runs were checkpointed, at the value that trains as before: left out of the
 # fingerprint there, so those runs still resume.
 _ADDED_LATER = {"train": {"gate_lr_mult": 1.0}, "data": {"fields": dataclasses.asdict(DataFields())}}
@@ -77,17 +77,13 @@ def tokenizer_spec(cfg: Config, source: Path | None) -> str:
 
 def build_base_model(cfg: Config, source: Path | None):
     """(model, LlamaConfig): the random tiny model or a streamed, quantised HF checkpoint."""
-    from moka_jax.models.llama import Llama, LlamaConfig
+    from moka_jax.models.llama import Llama
+    from moka_jax.validate import tiny_llama_config
 
     mc = cfg.model
     dtype = compute_dtype(mc.dtype)
     if source is None:
-        t = mc.tiny
-        lc = LlamaConfig(vocab_size=t.vocab, hidden_size=t.hidden, intermediate_size=t.intermediate,
-                         num_hidden_layers=t.layers, num_attention_heads=t.heads,
-                         num_key_value_heads=t.kv_heads, head_dim=t.hidden // t.heads,
-                         rope_theta=t.rope_theta, max_position_embeddings=t.max_position,
-                         tie_word_embeddings=t.tie_embeddings)
+        lc = tiny_llama_config(cfg)
         # The base is seeded independently of train.seed: changing the adapter init seed must
         # not change the "pretrained" model.
         model = Llama(lc, dtype=dtype, quant=mc.quant, block_size=mc.block_size,
@@ -108,26 +104,30 @@ def gate_weights(model) -> dict[str, np.ndarray]:
     return out
 
 
-def train(cfg: Config, *, max_steps: int | None = None, quiet: bool = False) -> dict:
-    """Run (or resume) training. max_steps stops early (as a crash would), for tests."""
-    sharding.initialize_distributed(cfg.mesh.distributed)
-    validate(cfg, num_devices=jax.device_count())
-    is_main = jax.process_index() == 0
-    out_dir = run_dir(cfg)
-    ckpt = TrainCheckpointer(out_dir, fingerprint(cfg), keep_last=cfg.train.keep_last)
-    ckpt.check_same_run()  # before any heavy work: never overwrite another run's checkpoints
+def prepare(cfg: Config, *, quiet: bool = False):
+    """Start JAX's multi-process runtime if asked, then the validation pass (validate.py)."""
+    from moka_jax.validate import validate_run
 
-    source = model_source(cfg)
-    tokenizer = data_lib.load_tokenizer(tokenizer_spec(cfg, source))
-    train_data, val_data = data_lib.build_datasets(cfg.data, tokenizer)
+    sharding.initialize_distributed(cfg.mesh.distributed)
+    return validate_run(cfg, jax.device_count(), quiet=quiet)
+
+
+def train(cfg: Config, *, max_steps: int | None = None, quiet: bool = False, plan=None) -> dict:
+    """Run (or resume) training. max_steps stops early (as a crash would), for tests.
+    plan: the result of prepare(cfg) (which runs here when not given)."""
+    plan = plan or prepare(cfg, quiet=quiet)  # every check before any weight is loaded
+    is_main = jax.process_index() == 0
+    out_dir = plan.out_dir
+    ckpt = TrainCheckpointer(out_dir, fingerprint(cfg), keep_last=cfg.train.keep_last)
+    ckpt.check_same_run()
+
+    source, tokenizer = plan.source, plan.tokenizer
+    train_data, val_data = plan.train_data, plan.val_data
     pad = data_lib.pad_id(tokenizer)
     batches = data_lib.BatchIterator(train_data, cfg.train.batch_size, cfg.data.buckets,
                                      seed=cfg.data.seed, pad_id=pad, packing=cfg.data.packing)
 
     model, lconfig = build_base_model(cfg, source)
-    if len(tokenizer) > lconfig.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's embedding has "
-                         f"{lconfig.vocab_size} rows; use the model's own tokenizer")
     targets = nn.attach_adapters(model, cfg.adapter.config, cfg.adapter.targets,
                                  rngs=nnx.Rngs(params=cfg.train.seed))
     n_train, n_base = nn.count_params(model), nn.base_param_count(model)
@@ -143,12 +143,12 @@ def train(cfg: Config, *, max_steps: int | None = None, quiet: bool = False) -> 
     step_fn = TrainStep(graphdef, tx)
 
     start = 0
-    if cfg.train.resume and ckpt.latest_step() is not None:
+    if plan.resume_step is not None:  # the newest intact step (damaged newer ones set aside)
         params, opt_state, meta = ckpt.restore(params, opt_state)
         batches.restore(meta["data"])
         start = int(meta["step"])
 
-    writer = MetricsWriter(out_dir, enabled=is_main)
+    writer = MetricsWriter(out_dir, enabled=is_main, keep_through=start)  # no step twice
     summary = {"run_dir": str(out_dir), "trainable_params": n_train, "base_params": n_base,
                "trainable_ratio": n_train / n_base, "adapted_layers": len(targets),
                "adapter": cfg.adapter.kind, "resumed_from": start}
@@ -255,7 +255,7 @@ def finish(cfg, out_dir: Path, model, params, source, writer) -> dict:
             "tiny": dataclasses.asdict(cfg.model.tiny) if source is None else None}
     adapter_dir = save_adapter(out_dir / "adapter", params,
                                adapter_config=adapter_config_to_dict(cfg.adapter.config),
-                               targets=cfg.adapter.targets, base=base, overwrite=True,
+                               targets=cfg.adapter.targets, base=base, owner=fingerprint(cfg),
                                data={"template": cfg.data.template})
     out = {"adapter_dir": str(adapter_dir)}
     writer.flush()

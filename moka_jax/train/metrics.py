@@ -9,19 +9,29 @@ import numpy as np
 
 
 class MetricsWriter:
-    """Appends one JSON object per record to out_dir/metrics.jsonl; mirrors scalars to TB."""
+    """Appends one JSON object per record to out_dir/metrics.jsonl; mirrors scalars to TB.
 
-    def __init__(self, out_dir, tensorboard: bool = True, enabled: bool = True):
+    keep_through: the step the run (re)starts from (0 = a fresh start). Records of later steps
+    (written before a crash, and about to be written again) are cut from metrics.jsonl first,
+    and TensorBoard is told to purge them, so no step is ever recorded twice. None appends.
+    """
+
+    def __init__(self, out_dir, tensorboard: bool = True, enabled: bool = True,
+                 keep_through: int | None = None):
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self._tb = None
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.out_dir / "metrics.jsonl", "a", buffering=1)
+        path = self.out_dir / "metrics.jsonl"
+        if path.exists() and keep_through is not None:
+            cut_metrics(path, keep_through)
+        self._file = open(path, "a", buffering=1)
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(self.out_dir / "tb"))
+            purge = None if keep_through is None else keep_through + 1
+            self._tb = SummaryWriter(str(self.out_dir / "tb"), purge_step=purge)
 
     def write(self, step: int, **scalars):
         if not self.enabled:
@@ -47,6 +57,25 @@ class MetricsWriter:
 def _plain(v):
     v = np.asarray(v)
     return v.item() if v.ndim == 0 else v.tolist()
+
+
+def cut_metrics(path, keep_through: int) -> int:
+    """Keep only records with step <= keep_through (atomic rewrite); returns how many were cut.
+    A torn last line (a crash mid-write) is dropped too."""
+    from moka_jax.outputs import write_file_atomic
+
+    kept, cut = [], 0
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            ok = int(rec["step"]) <= keep_through
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        kept += [line] if ok else []
+        cut += 0 if ok else bool(line.strip())
+    if cut:
+        write_file_atomic(path, "".join(f"{line}\n" for line in kept))
+    return cut
 
 
 def read_metrics(path) -> list[dict]:

@@ -113,5 +113,7 @@ def test_lora_param_count_and_bad_rank():
     layer = nn.Linear(40, 24, rngs=nnx.Rngs(0))
     layer.adapter = LoRAConfig(r=4).build(layer, "lin", nnx.Rngs(1))
     assert nn.count_params(layer) == 4 * (40 + 24)
-    with pytest.raises(ValueError, match="layer 'lin'.*rank must be >= 1"):
-        LoRAConfig(r=0).build(layer, "lin", nnx.Rngs(1))
+    with pytest.raises(ValueError, match=r"LoRAConfig.r = 0, expected >= 1"):
+        LoRAConfig(r=0)  # refused by the config's domain, before any layer is built
+    with pytest.raises(ValueError, match=r"layer 'lin'.*r=25 exceeds min\(out, in\) = 24"):
+        LoRAConfig(r=25).build(layer, "lin", nnx.Rngs(1))

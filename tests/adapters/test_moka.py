@@ -117,7 +117,7 @@ def test_bad_input_raises_at_construction():
         MoKAConfig(shapes=(((2, 9), (3, 5)),)).build(Lin, "blk/q_proj", nnx.Rngs(0))
     with pytest.raises(ValueError, match="not prime"):
         MoKADense(45, 37, moka=MoKAsConfig(primes=(4, 7)), rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="r >= 1"):
+    with pytest.raises(ValueError, match="MoKAConfig.r = 0, expected >= 1"):
         MoKADense(45, 37, moka=MoKAConfig(r=0), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="too small"):
         MoKADense(45, 37, moka=MoKAConfig(r=4, budget=10), rngs=nnx.Rngs(0))

@@ -36,7 +36,7 @@ def test_eval_cli_beams_flag(capsys):
 
     assert eval_cli.parse_args(["--mode", "generate", "--beams", "4"]).beams == 4
     assert eval_cli.parse_args([]).beams == 1
-    for bad, msg in ((["--mode", "generate", "--beams", "0"], "at least 1"),
+    for bad, msg in ((["--mode", "generate", "--beams", "0"], "--beams: 0, expected >= 1"),
                      (["--beams", "4"], "--mode generate only")):
         with pytest.raises(SystemExit):
             eval_cli.parse_args(bad)

@@ -182,7 +182,7 @@ def test_non_llama_gguf_names_architecture(tmp_path):
 def test_not_a_gguf(tmp_path, content):
     path = tmp_path / "junk.gguf"
     path.write_bytes(content)
-    with pytest.raises(ValueError, match="junk.gguf is not a readable GGUF"):
+    with pytest.raises(ValueError, match="junk.gguf: not a readable GGUF"):
         gguf_convert.gguf_to_hf(path, tmp_path / "out")
 
 
