@@ -1,4 +1,4 @@
-"""Does an XLA:CPU flag speed up our train step? Each flag set runs in its own process:
+"""Does an XLA:CPU flag (or bf16 compute) speed up our train step? Each set runs in its own process:
 SmolLM2-135M shapes (random weights), nf4 base, MoKA r=4 on q/v, the trainer's TrainStep on a
 packed batch (--rows x --seq, --labelled scored positions per row), plus one dense f32
 matmul forward + dx (8*256 x 576 -> 1536). Median of --steps steps after one warm-up.

@@ -293,30 +293,6 @@ def _run_block(block, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, index):
 _run_block_remat = nnx.remat(_run_block)
 
 
-def _scan_blocks(layers, x_BTD, cos_BTH, sin_BTH, mask_BTS, remat: bool):
-    """The decoder layers as one lax.scan over their stacked states, or None when the layers
-    differ in structure (then the caller loops). XLA then compiles one layer instead of one per
-    layer: on SmolLM2 (30 layers) the train step's compile time falls several-fold (see
-    bench/README.md). Stacking copies the frozen weights once per call (4-bit: small)."""
-    if len(layers) < 2:
-        return None
-    graphdef, first = nnx.split(layers[0])
-    states = [first] + [nnx.split(b)[1] for b in layers[1:]]
-    structure = jax.tree.structure(first)
-    if any(jax.tree.structure(s) != structure for s in states[1:]) or any(
-            a.shape != b.shape or a.dtype != b.dtype for s in states[1:]
-            for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(first))):
-        return None
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-
-    def body(x_BTD, state):
-        y_BTD, _ = nnx.merge(graphdef, state)(x_BTD, cos_BTH, sin_BTH, mask_BTS)
-        return y_BTD, None
-
-    x_BTD, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, x_BTD, stacked)
-    return x_BTD
-
-
 class Llama(nnx.Module):
     """Causal LM. `model(ids_BT, attention_mask_BT=None)` -> logits_BTV (float32);
     with `cache=` a KVCache it returns (logits_BTV, updated cache). `hidden` + `logits` are the
@@ -331,7 +307,6 @@ class Llama(nnx.Module):
                  quant: str = "none", block_size: int = 64, double_quant: bool = False,
                  remat: bool = False, rngs: nnx.Rngs):
         self.config, self.dtype, self.remat = config, dtype, remat
-        self.scan_layers = True  # training forward as one lax.scan when the layers allow it
         linear_kw = dict(quant=quant, block_size=block_size, double_quant=double_quant,
                          dtype=dtype, param_dtype=param_dtype)
         c = config
@@ -390,10 +365,6 @@ class Llama(nnx.Module):
 
         run = _run_block_remat if self.remat else _run_block
         x_BTD = self.embed(input_ids_BT, self.dtype)
-        if cache is None and self.scan_layers:
-            scanned = _scan_blocks(self.layers, x_BTD, cos_BTH, sin_BTH, mask_BTS, self.remat)
-            if scanned is not None:
-                return self.norm(scanned), None
         new_k, new_v = [], []
         for i, block in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
