@@ -26,8 +26,6 @@ import functools
 import json
 import os
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +34,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from moka_jax import kron, nn, quant, shapes
+from timing import median_seconds  # bench/timing.py (run as a script from bench/)
 from moka_jax.adapters import LoRAConfig, MoKAConfig, MoKAsConfig
 
 jax.config.update("jax_default_matmul_precision", "highest")  # f32 as f32; bf16 is unaffected
@@ -49,14 +48,7 @@ ERROR_LAYER, ERROR_TOKENS = (576, 576), 256  # SmolLM2's q_proj; the planner's r
 
 
 def timeit(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(fn, args, repeats, warmups=2)
 
 
 def fwd_bwd(apply):

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from moka_jax.train.checkpoint import (ADAPTER_FORMAT, CheckpointError, _flat, _key,
+from moka_jax.train.checkpoint import (ADAPTER_FORMAT, CheckpointError, _flat, _key, nest_paths,
                                        compare_signatures, read_adapter_meta, tree_signature)
 
 FORMATS = ("safetensors", "orbax", "peft")
@@ -177,17 +177,6 @@ def save(out_dir, params, *, format: str = "safetensors", adapter_config: dict, 
                         targets=targets, base=base, overwrite=overwrite)
 
 
-def _nest(flat: dict) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        *parents, leaf = key.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
 def to_orbax(adapter_dir, out_dir, *, model=None, overwrite: bool = False) -> Path:
     """Any adapter directory as an orbax adapter tree; no base is loaded (a PEFT directory
     needs `model`, the base's name or directory, for its config only)."""
@@ -201,4 +190,4 @@ def to_orbax(adapter_dir, out_dir, *, model=None, overwrite: bool = False) -> Pa
         config = read_config(resolve_model(model))
     meta = {k: v for k, v in read_meta(adapter_dir, config).items() if k != "source"}
     values = read_values(adapter_dir, config)
-    return save_orbax(out_dir, _nest(values), {**meta, "format": ADAPTER_FORMAT}, overwrite)
+    return save_orbax(out_dir, nest_paths(values), {**meta, "format": ADAPTER_FORMAT}, overwrite)

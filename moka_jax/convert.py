@@ -36,6 +36,7 @@ from moka_jax.models.llama import Llama, LlamaConfig
 from moka_jax.outputs import check_output
 from moka_jax.nn import Linear
 from moka_jax.quant import QuantizedWeight
+from moka_jax.train.checkpoint import nest_paths
 
 META_FILE = "moka_convert.json"
 QUANT_FILE = "quant.json"
@@ -71,17 +72,6 @@ def _frozen_leaves(model) -> dict[str, object]:
     return {"/".join(map(str, path)): var.get_value() for path, var in flat}
 
 
-def _nest(flat: dict) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
 def _flatten(tree: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in tree.items():
@@ -110,7 +100,7 @@ def save_converted(model: Llama, config: LlamaConfig, dst, *, tokenizer_dir=None
     with atomic_output_dir(dst, overwrite, command=command,
                            inputs=[tokenizer_dir, *inputs]) as tmp:
         ckpt = ocp.StandardCheckpointer()
-        ckpt.save(tmp / STATE_DIR, _nest(arrays))
+        ckpt.save(tmp / STATE_DIR, nest_paths(arrays))
         ckpt.wait_until_finished()
         (tmp / QUANT_FILE).write_text(json.dumps(quant_meta, indent=1))
         (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))

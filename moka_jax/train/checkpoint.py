@@ -286,6 +286,18 @@ def _flat(tree) -> dict[str, np.ndarray]:
     return {"/".join(_key(k) for k in path): v for path, v in flat}
 
 
+def nest_paths(flat: dict) -> dict:
+    """{"a/b/c": v} -> {"a": {"b": {"c": v}}}: the nested dict orbax stores."""
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
 def save_adapter(out_dir, params, *, adapter_config: dict, targets: str, base: dict,
                  overwrite: bool = False, owner: dict | None = None,
                  data: dict | None = None) -> Path:
