@@ -441,7 +441,10 @@ def label_slots(batch: dict, capacity: int) -> tuple[np.ndarray, np.ndarray]:
     """(loss_pos, loss_tgt), each (B, capacity) int32: per row the positions whose next-token
     prediction is scored and their targets (IGNORE-filled), so the train step applies the
     lm_head to these hidden states only and the (B, T, V) logits never exist."""
-    tgt_BT = next_token_targets(batch["labels"], batch["segment_ids"])
+    return _slots(next_token_targets(batch["labels"], batch["segment_ids"]), capacity)
+
+
+def _slots(tgt_BT, capacity: int) -> tuple[np.ndarray, np.ndarray]:
     B = tgt_BT.shape[0]
     pos = np.zeros((B, capacity), np.int32)
     tgt = np.full((B, capacity), IGNORE, np.int32)
@@ -454,10 +457,11 @@ def label_slots(batch: dict, capacity: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def with_label_slots(batch: dict, capacity: int | None = None) -> dict:
-    """The batch plus loss_pos / loss_tgt; capacity defaults to its own busiest row."""
-    if capacity is None:
-        capacity = round_capacity(int(labelled_per_row(batch).max()))
-    pos, tgt = label_slots(batch, capacity)
+    """The batch plus loss_pos / loss_tgt; capacity defaults to its own busiest row (rounded),
+    and is raised to it when given smaller (never dropping a label)."""
+    tgt_BT = next_token_targets(batch["labels"], batch["segment_ids"])
+    need = round_capacity(int((tgt_BT != IGNORE).sum(1).max()))
+    pos, tgt = _slots(tgt_BT, need if capacity is None else max(capacity, need))
     return {**batch, "loss_pos": pos, "loss_tgt": tgt}
 
 
@@ -614,15 +618,14 @@ class BatchIterator:
             plan = self.plan(self.epoch)
         T, rows = plan[self.position]
         self.position += 1
-        batch = collate_rows(self.data, rows, T, self.pad_id)
-        most = int(labelled_per_row(batch).max())
-        if most > self.capacity.get(T, 0):
-            new = round_capacity(most)
-            log.warning("a batch has a row with %d labelled tokens, over the capacity %d of "
-                        "rows of %d: raising it to %d (one more compile)", most,
-                        self.capacity.get(T, 0), T, new)
-            self.capacity[T] = new
-        batch = with_label_slots(batch, self.capacity[T])
+        batch = with_label_slots(collate_rows(self.data, rows, T, self.pad_id),
+                                 self.capacity.get(T, 0))
+        used = batch["loss_pos"].shape[1]
+        if used > self.capacity.get(T, 0):
+            log.warning("a batch row has more labelled tokens than the capacity %d of rows of "
+                        "%d: raising it to %d (one more compile)", self.capacity.get(T, 0), T,
+                        used)
+            self.capacity[T] = used
         return {k: v[self.rows] for k, v in batch.items()}
 
     def state(self) -> dict:

@@ -167,7 +167,7 @@ def train(cfg: Config, *, max_steps: int | None = None, quiet: bool = False, pla
     # checked before a checkpoint is written, so a NaN never reaches a saved step.
     pending = []
 
-    def sync(upto: int):
+    def sync():
         for s, m in pending:
             loss = float(m["loss"])
             if not math.isfinite(loss):
@@ -194,7 +194,7 @@ def train(cfg: Config, *, max_steps: int | None = None, quiet: bool = False, pla
         save_now = (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.steps
         if not (log_now or val_now or save_now):
             continue
-        m = sync(done)
+        m = sync()
         if log_now:
             now = time.perf_counter()
             lr = float(schedule(done - 1))
@@ -211,7 +211,7 @@ def train(cfg: Config, *, max_steps: int | None = None, quiet: bool = False, pla
             writer.write(done, val_loss=evaluate(step_fn, params, frozen, val_data, cfg, mesh, pad))
         if save_now:
             ckpt.save(done, params, opt_state, batches.state())
-    sync(total)
+    sync()
     ckpt.close()
     summary["losses"] = losses
     summary["compilations"] = step_fn.compilations
