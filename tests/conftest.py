@@ -22,3 +22,16 @@ def _data_cache(tmp_path_factory):
     os.environ["MOKA_DATA_CACHE"] = str(tmp_path_factory.mktemp("moka_data_cache"))
     yield
     os.environ.pop("MOKA_DATA_CACHE", None)
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory):
+    """A tiny random LLaMA saved as a Hugging Face directory (one layer, dense)."""
+    from flax import nnx
+
+    from moka_jax.models.hf import save_hf
+    from moka_jax.models.llama import Llama, LlamaConfig
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    return save_hf(Llama(cfg, quant="none", rngs=nnx.Rngs(0)), cfg,
+                   tmp_path_factory.mktemp("m") / "hf")

@@ -113,15 +113,6 @@ def test_data_file_damage_is_named(tmp_path, damage, message):
 # ---- model and adapter files, through their real readers ------------------------------------
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    from moka_jax.models.hf import save_hf
-    from moka_jax.models.llama import Llama, LlamaConfig
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16)
-    return save_hf(Llama(cfg, quant="none", rngs=nnx.Rngs(0)), cfg,
-                   tmp_path_factory.mktemp("m") / "hf")
-
 
 def copy_dir(src: Path, dst: Path) -> Path:
     import shutil

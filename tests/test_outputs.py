@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from moka_jax import outputs
 
@@ -56,15 +55,6 @@ def test_file_rules(tmp_path):
     outputs.check_output_file(p, command="eval", overwrite=True)
     assert sorted(x.name for x in tmp_path.iterdir()) == ["dev.json", "report.json"]
 
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    from moka_jax.models.hf import save_hf
-    from moka_jax.models.llama import Llama, LlamaConfig
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16)
-    return save_hf(Llama(cfg, quant="none", rngs=nnx.Rngs(0)), cfg,
-                   tmp_path_factory.mktemp("m") / "hf")
 
 
 def snapshot(d: Path) -> dict:
