@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -64,7 +65,9 @@ def parse_args(argv=None):
                     help="run units in this process (tests; SmolLM2 wants one process each)")
     ap.add_argument("--report-only", action="store_true",
                     help="write the report from the saved units; train nothing")
-    ap.add_argument("--out", default=str(REPO / "runs" / "experiments"))
+    ap.add_argument("--out", default=str(REPO / "results" / "commonsense" / "sweep"),
+                    help="unit records (committed, so a sweep resumes in a fresh clone; "
+                         "trainer checkpoints under it are git-ignored)")
     ap.add_argument("--results", default=str(REPO / "RESULTS.md"))
     ap.add_argument("--figures", default=str(REPO / "results" / "commonsense"))
     ap.add_argument("--unit", default=None, help=argparse.SUPPRESS)  # worker: PHASE/METHOD/TAG
@@ -167,15 +170,24 @@ def lr_grid(p: dict, method: str) -> list[float]:
 
 
 def units(p: dict, phase: str) -> list[tuple[str, str, str]]:
+    """Search units, or main units seed-major (every method's first seed, then the next), so
+    a sweep stopped part-way holds comparable runs of every method it reached."""
     if phase == "search":
         return [("search", m, f"lr-{lr:g}") for m in search_methods(p) for lr in lr_grid(p, m)]
     out = [("train", "base", "seed-0")] if "base" in p["methods"] else []
-    return out + [("train", m, f"seed-{s}") for m in p["methods"] if m != "base"
-                  for s in p["seeds"]]
+    return out + [("train", m, f"seed-{s}") for s in p["seeds"] for m in p["methods"]
+                  if m != "base"]
 
 
 def unit_dir(out: Path, unit) -> Path:
     return Path(out).absolute().joinpath(*unit)
+
+
+def adapter_path(out: Path, rec: dict) -> Path | None:
+    """The unit's exported adapter; records keep it relative to the unit directory, so a
+    committed sweep resolves in any clone."""
+    rel = (rec.get("train") or {}).get("adapter_dir")
+    return unit_dir(out, rec["unit"]) / rel if rel else None
 
 
 def choose_lrs(p: dict, search: dict) -> dict[str, float]:
@@ -236,8 +248,8 @@ def run_unit(p: dict, unit, out: Path, lr: float | None) -> dict:
            "lr": None if method == "base" else cfg.train.lr, "seed": cfg.train.seed,
            "settings": json.loads(json.dumps(reuse_key(p))), "config": cfg.to_dict()}
     if method != "base":
-        rec["train"] = _load_or(udir / "train.json", lambda: _train(cfg, train, read_metrics,
-                                                                   TrainingDiverged))
+        rec["train"] = _load_or(udir / "train.json", lambda: _train(cfg, udir, train,
+                                                                   read_metrics, TrainingDiverged))
     if phase == "search" or rec.get("train", {}).get("diverged"):
         return rec
     rec["eval"] = {}
@@ -246,13 +258,13 @@ def run_unit(p: dict, unit, out: Path, lr: float | None) -> dict:
         path = udir / f"eval-{mode}.json"
         if not path.exists():
             if model is None:
-                model, lconfig, tokenizer = _eval_model(cfg, rec)
+                model, lconfig, tokenizer = _eval_model(cfg, adapter_path(out, rec))
             _write_json(path, _evaluate(p, mode, model, lconfig, tokenizer, cfg))
         rec["eval"][mode] = json.loads(path.read_text())
     return rec
 
 
-def _train(cfg, train, read_metrics, diverged_error) -> dict:
+def _train(cfg, udir: Path, train, read_metrics, diverged_error) -> dict:
     t0 = time.perf_counter()
     try:
         s = train(cfg)
@@ -265,12 +277,13 @@ def _train(cfg, train, read_metrics, diverged_error) -> dict:
     return {"trainable_params": s["trainable_params"], "base_params": s["base_params"],
             "val_loss": s.get("val_loss"), "final_step": s["final_step"],
             "resumed_from": s["resumed_from"], "seconds": time.perf_counter() - t0,
-            "run_dir": str(run), "adapter_dir": s["adapter_dir"],
+            "run_dir": os.path.relpath(run, udir),
+            "adapter_dir": os.path.relpath(s["adapter_dir"], udir),
             "metrics": read_metrics(run / "metrics.jsonl"),
             "gates": json.loads(gates.read_text()) if gates.exists() else None}
 
 
-def _eval_model(cfg, rec):
+def _eval_model(cfg, adapter: Path | None):
     from moka_jax.data import load_tokenizer
     from moka_jax.eval import attach_exported_adapter
     from moka_jax.train.loop import build_base_model, model_source, tokenizer_spec
@@ -278,8 +291,8 @@ def _eval_model(cfg, rec):
     source = model_source(cfg)
     tokenizer = load_tokenizer(tokenizer_spec(cfg, source))
     model, lconfig = build_base_model(cfg, source)
-    if "train" in rec:
-        attach_exported_adapter(model, rec["train"]["adapter_dir"])
+    if adapter is not None:
+        attach_exported_adapter(model, adapter)
     return model, lconfig, tokenizer
 
 
@@ -369,12 +382,12 @@ def saved_units(out: Path, phase: str) -> dict:
     return found
 
 
-def copy_adapters(results: dict, figures: Path) -> dict[str, str]:
+def copy_adapters(results: dict, out_dir: Path, figures: Path) -> dict[str, str]:
     """results/.../adapters/<method>-seed<s>: the trained adapters, for anyone to score."""
     out = {}
     for (_, method, tag), rec in results.items():
-        src = rec.get("train", {}).get("adapter_dir")
-        if not src:
+        src = adapter_path(out_dir, rec)
+        if src is None:
             continue
         dst = figures / "adapters" / f"{method}-{tag.replace('-', '')}"
         if dst.exists():
@@ -402,14 +415,23 @@ def main(argv=None):
     else:
         search = {u: ensure_unit(p, u, args) for u in units(p, "search")}
         chosen = choose_lrs(p, search)
-        results = {u: ensure_unit(p, u, args, chosen.get(u[1])) for u in units(p, "train")}
-    figures = Path(args.figures)
-    adapters = copy_adapters(results, figures)
-    report = results_report.write_report(
-        p, search, results, chosen, results_md=Path(args.results), figures=figures,
-        command=command_line(argv), wall_seconds=time.perf_counter() - t0, adapters=adapters)
+        results = {}
+        for u in units(p, "train"):
+            fresh = not (unit_dir(out, u) / "result.json").exists()
+            results[u] = ensure_unit(p, u, args, chosen.get(u[1]))
+            if fresh:  # RESULTS.md follows a long sweep unit by unit
+                write_report(p, search, results, chosen, args, argv, t0)
+    report = write_report(p, search, results, chosen, args, argv, t0)
     print(report.pop("table"))
     print(json.dumps({"bench": "experiment_commonsense", **report}))
+
+
+def write_report(p, search, results, chosen, args, argv, t0) -> dict:
+    figures = Path(args.figures)
+    adapters = copy_adapters(results, Path(args.out), figures)
+    return results_report.write_report(
+        p, search, results, chosen, results_md=Path(args.results), figures=figures,
+        command=command_line(argv), wall_seconds=time.perf_counter() - t0, adapters=adapters)
 
 
 def command_line(argv) -> str:

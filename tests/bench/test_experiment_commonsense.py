@@ -90,8 +90,10 @@ def test_sweep_end_to_end(sweep, capsys):
                 assert rec["train"]["final_step"] == 2
                 ent = [x["gate_entropy"] for x in rec["train"]["metrics"] if "gate_entropy" in x]
                 assert (len(ent) >= 1) == (m == "moka")
-    a0 = recs["moka", 0]["train"]["adapter_dir"]
-    meta = json.loads((Path(a0) / "adapter.json").read_text())
+    # records hold the adapter relative to their unit, so a committed sweep resolves anywhere
+    assert not Path(recs["moka", 0]["train"]["adapter_dir"]).is_absolute()
+    a0 = experiment.adapter_path(runs, recs["moka", 0])
+    meta = json.loads((a0 / "adapter.json").read_text())
     assert meta["data"] == {"template": "alpaca"}
     # the report: hand-written text kept, every section there, intervals from the per-item data
     text = (tmp / "RESULTS.md").read_text()
