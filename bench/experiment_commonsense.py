@@ -354,7 +354,10 @@ def ensure_unit(p: dict, unit, args, lr: float | None = None) -> dict:
         cmd = [sys.executable, __file__, "--unit", "/".join(unit), "--out", args.out]
         if lr is not None:
             cmd += ["--lr", repr(lr)]
-        subprocess.run(cmd, check=True)
+        # Units of one method compile the same training and evaluation programs: a persistent
+        # XLA cache (outside the repository) turns the later compilations into loads.
+        env = {"JAX_COMPILATION_CACHE_DIR": str(REPO / "runs" / "xla_cache"), **os.environ}
+        subprocess.run(cmd, check=True, env=env)
         rec = json.loads((unit_dir(args.out, unit) / "worker.json").read_text())
     rec["wall_seconds"] = time.perf_counter() - t0
     rec["machine"] = results_report.machine()

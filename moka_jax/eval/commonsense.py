@@ -269,7 +269,9 @@ def generate_texts(model, tokenizer, prompts, *, eos_token_ids=(), batch_size: i
                    max_new_tokens: int = 32, num_beams: int = 1, template: str = "alpaca",
                    progress: str | None = None) -> list[str]:
     """Greedy (num_beams 1) or beam-search continuations, batched with left padding and the
-    KV cache. Prompts are tokenised as `template`'s training prompts (data.encode_prompts)."""
+    KV cache. Prompts are tokenised as `template`'s training prompts (data.encode_prompts).
+    A short last batch is filled with copies of its first prompt (which stop with it), so every
+    batch reuses the compiled shapes of full ones."""
     from moka_jax.generate import generate
 
     pad = _pad(tokenizer)
@@ -279,10 +281,11 @@ def generate_texts(model, tokenizer, prompts, *, eos_token_ids=(), batch_size: i
     for s in tqdm(range(0, len(order), batch_size), desc=progress, disable=progress is None,
                   dynamic_ncols=True):
         idx = list(order[s:s + batch_size])
+        rows = idx + [idx[0]] * (min(batch_size, len(order)) - len(idx))
         t = max(len(ids[i]) for i in idx)
-        ids_BT = np.full((len(idx), t), pad, np.int32)
-        mask_BT = np.zeros((len(idx), t), bool)
-        for r, i in enumerate(idx):
+        ids_BT = np.full((len(rows), t), pad, np.int32)
+        mask_BT = np.zeros((len(rows), t), bool)
+        for r, i in enumerate(rows):
             ids_BT[r, t - len(ids[i]):], mask_BT[r, t - len(ids[i]):] = ids[i], True
         new = generate(model, ids_BT, mask_BT, max_new_tokens=max_new_tokens,
                        eos_token_ids=eos_token_ids, pad_token_id=pad, num_beams=num_beams)

@@ -95,6 +95,20 @@ def test_generate_batched_equals_unbatched(model, tok):
     assert one == many
 
 
+def test_generate_short_last_batch_is_filled_to_the_compiled_shape(model, tok, monkeypatch):
+    import moka_jax.generate as gen
+
+    rows, real = [], gen.generate
+    monkeypatch.setattr(gen, "generate", lambda m, ids, *a, **k: rows.append(len(ids))
+                        or real(m, ids, *a, **k))
+    prompts = ["Q: sky?\nA:", "Q: is the sea wet?\nA:", "Q: 2+2?\nA:", "Hi", "Q: red?\nA:"]
+    kw = dict(eos_token_ids=(2,), max_new_tokens=5)
+    filled = cs.generate_texts(model, tok, prompts, batch_size=3, **kw)
+    assert rows == [3, 3]  # 5 prompts: the second batch holds 2 and one filler copy
+    monkeypatch.setattr(gen, "generate", real)
+    assert filled == cs.generate_texts(model, tok, prompts, batch_size=1, **kw)
+
+
 def test_evaluate_generate_counts_unparseable(model, tok):
     r = cs.evaluate_generate(model, tok, "boolq", RECORDS[:1], eos_token_ids=(2,),
                              max_new_tokens=4, progress=False)
