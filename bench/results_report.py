@@ -7,7 +7,7 @@ correctness averaged over seeds first) of macro-average differences; loss curves
 and gate heatmaps; the commands, machines and wall time; the command that merges a committed
 adapter into a Hugging Face directory.
 
-    python bench/results_report.py --out runs/experiments     # = experiment --report-only
+    python bench/results_report.py     # = experiment_commonsense.py --report-only
 """
 
 from __future__ import annotations
