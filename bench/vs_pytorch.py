@@ -146,11 +146,11 @@ def tokenized_mix(model_dir: Path, n: int, seq: int):
 def make_batch(model_dir: Path, batch: int, seq: int) -> dict:
     """`batch` examples of the mix, padded to seq (the fixed-batch mode's one batch)."""
     from moka_jax import data as data_lib
+    from moka_jax.batching import collate, with_label_slots
 
     tok, ids, labels = tokenized_mix(model_dir, batch, seq)
     rows = data_lib.TokenizedData(ids, labels, np.zeros(batch, np.int64), DATA)
-    return data_lib.with_label_slots(
-        data_lib.collate(rows, range(batch), [seq], pad_id=data_lib.pad_id(tok)))
+    return with_label_slots(collate(rows, range(batch), [seq], pad_id=data_lib.pad_id(tok)))
 
 
 def write_examples(model_dir: Path, n: int, seq: int, path: Path) -> int:
@@ -459,13 +459,14 @@ class JaxRunner:
 
     def epoch_batches(self, examples: dict, spec: dict) -> list[dict]:
         """The trainer's packed batches (rows of spec["seq"] tokens), examples in their order."""
-        from moka_jax import data as data_lib
+        from moka_jax.batching import BatchIterator
+        from moka_jax.data import TokenizedData
 
         n = len(examples["input_ids"])
-        data = data_lib.TokenizedData(examples["input_ids"], examples["labels"],
-                                      np.zeros(n, np.int64), ["mix"])
-        it = data_lib.BatchIterator(data, spec["pack_rows"], [spec["seq"]], seed=SEED,
-                                    pad_id=spec["pad_id"], shuffle=False, packing=True)
+        data = TokenizedData(examples["input_ids"], examples["labels"], np.zeros(n, np.int64),
+                             ["mix"])
+        it = BatchIterator(data, spec["pack_rows"], [spec["seq"]], seed=SEED,
+                           pad_id=spec["pad_id"], shuffle=False, packing=True)
         return [next(it) for _ in range(it.steps_per_epoch)]
 
     def compilations(self) -> int:

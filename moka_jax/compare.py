@@ -150,13 +150,14 @@ def build(cfg, steps: int):
 
     from moka_jax import data as data_lib
     from moka_jax import nn
+    from moka_jax.batching import BatchIterator
     from moka_jax.train.loop import build_base_model, model_source, tokenizer_spec
 
     source = model_source(cfg)
     tokenizer = data_lib.load_tokenizer(tokenizer_spec(cfg, source))
     train_data, _ = data_lib.build_datasets(cfg.data, tokenizer)
-    it = data_lib.BatchIterator(train_data, cfg.train.batch_size, cfg.data.buckets,
-                                seed=cfg.data.seed, pad_id=data_lib.pad_id(tokenizer))
+    it = BatchIterator(train_data, cfg.train.batch_size, cfg.data.buckets,
+                       seed=cfg.data.seed, pad_id=data_lib.pad_id(tokenizer))
     batches = [next(it) for _ in range(steps)]
     model, lconfig = build_base_model(cfg, source)
     paths = nn.attach_adapters(model, cfg.adapter.config, cfg.adapter.targets,

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from moka_jax import data as data_lib
 from moka_jax import nn
+from moka_jax.batching import BatchIterator, eval_batches
 from moka_jax.adapters import MoKA, MoKAs, adapter_config_to_dict
 from moka_jax.config import Config, DataFields, resolve_path
 from moka_jax.train import sharding
@@ -124,8 +125,8 @@ def train(cfg: Config, *, max_steps: int | None = None, quiet: bool = False, pla
     source, tokenizer = plan.source, plan.tokenizer
     train_data, val_data = plan.train_data, plan.val_data
     pad = data_lib.pad_id(tokenizer)
-    batches = data_lib.BatchIterator(train_data, cfg.train.batch_size, cfg.data.buckets,
-                                     seed=cfg.data.seed, pad_id=pad, packing=cfg.data.packing)
+    batches = BatchIterator(train_data, cfg.train.batch_size, cfg.data.buckets,
+                            seed=cfg.data.seed, pad_id=pad, packing=cfg.data.packing)
 
     model, lconfig = build_base_model(cfg, source)
     targets = nn.attach_adapters(model, cfg.adapter.config, cfg.adapter.targets,
@@ -238,7 +239,7 @@ def train(cfg: Config, *, max_steps: int | None = None, quiet: bool = False, pla
 def evaluate(step_fn, params, frozen, val_data, cfg, mesh, pad) -> float:
     bs = cfg.train.batch_size // cfg.train.grad_accum
     loss_sum, n = 0.0, 0
-    for i, batch in enumerate(data_lib.eval_batches(val_data, bs, cfg.data.buckets, pad)):
+    for i, batch in enumerate(eval_batches(val_data, bs, cfg.data.buckets, pad)):
         if cfg.train.eval_batches is not None and i >= cfg.train.eval_batches:
             break
         s, c = step_fn.eval_sums(params, frozen, sharding.place_batch(step_inputs(batch), mesh))

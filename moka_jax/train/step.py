@@ -15,7 +15,7 @@ from flax import nnx
 from moka_jax.variables import AdapterParam
 
 IGNORE = -100
-# What the step reads of a host batch (data.BatchIterator / data.eval_batches).
+# What the step reads of a host batch (batching.BatchIterator / batching.eval_batches).
 STEP_KEYS = ("input_ids", "segment_ids", "positions", "loss_pos", "loss_tgt")
 
 
@@ -47,7 +47,7 @@ def token_loss_sums(logits_BTV, labels_BT):
 
 def labelled_loss_sums(model, batch):
     """token_loss_sums without the (B, T, V) logits: the head runs on the hidden states of the
-    scored positions only (loss_pos / loss_tgt, (B, C), see data.label_slots)."""
+    scored positions only (loss_pos / loss_tgt, (B, C), see batching.label_slots)."""
     x_BTD, _ = model.hidden(batch["input_ids"], segment_ids_BT=batch["segment_ids"],
                             positions_BT=batch["positions"])
     x_BCD = jnp.take_along_axis(x_BTD, batch["loss_pos"][..., None], axis=1)

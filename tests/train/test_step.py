@@ -13,6 +13,7 @@ from flax import nnx
 
 from moka_jax import data as D
 from moka_jax.adapters import MoKAConfig
+from moka_jax.batching import collate_rows, label_slots, pack_rows
 from moka_jax.models.llama import Llama, LlamaConfig
 from moka_jax.nn import attach_adapters
 from moka_jax.train.step import labelled_loss_sums, split_model, step_inputs, token_loss_sums
@@ -73,8 +74,8 @@ def assert_same(ref, got, tol):
 
 
 def padded(data):
-    batch = D.collate_rows(data, [[i] for i in range(len(data))], 32)
-    batch["loss_pos"], batch["loss_tgt"] = D.label_slots(batch, 32)
+    batch = collate_rows(data, [[i] for i in range(len(data))], 32)
+    batch["loss_pos"], batch["loss_tgt"] = label_slots(batch, 32)
     return batch
 
 
@@ -92,10 +93,10 @@ def test_packed_rows_equal_the_unpacked_padded_batch(model):
     data = examples(9, seed=1)
     ref_batch = {k: jnp.asarray(v) for k, v in step_inputs(padded(data)).items()}
     ref = loss_and_grads(model, lambda m: labelled_loss_sums(m, ref_batch))
-    rows = D.pack_rows(range(len(data)), data.lengths, 48, 4)
+    rows = pack_rows(range(len(data)), data.lengths, 48, 4)
     assert len(rows) == 1 and max(len(r) for r in rows[0]) >= 2   # really packed
-    batch = D.collate_rows(data, rows[0], 48)
-    batch["loss_pos"], batch["loss_tgt"] = D.label_slots(batch, 64)
+    batch = collate_rows(data, rows[0], 48)
+    batch["loss_pos"], batch["loss_tgt"] = label_slots(batch, 64)
     packed = loss_and_grads(model, lambda m: labelled_loss_sums(
         m, {k: jnp.asarray(v) for k, v in step_inputs(batch).items()}))
     assert_same(ref, packed, 1e-5)
@@ -103,7 +104,7 @@ def test_packed_rows_equal_the_unpacked_padded_batch(model):
 
 def test_no_token_attends_across_a_segment_boundary(model):
     data = examples(2, seed=2)
-    batch = D.collate_rows(data, [[0, 1]], 48)
+    batch = collate_rows(data, [[0, 1]], 48)
     n0 = len(data.input_ids[0])
     changed = {k: v.copy() for k, v in batch.items()}
     changed["input_ids"][0, :n0] = (changed["input_ids"][0, :n0] + 1) % CFG.vocab_size
@@ -117,5 +118,5 @@ def test_no_token_attends_across_a_segment_boundary(model):
     n1 = len(data.input_ids[1])
     assert np.array_equal(h[0, n0:n0 + n1], h2[0, n0:n0 + n1])   # second example untouched
     assert not np.allclose(h[0, :n0], h2[0, :n0])
-    alone = D.collate_rows(data, [[1]], 48)                        # and equal to it alone
+    alone = collate_rows(data, [[1]], 48)                        # and equal to it alone
     np.testing.assert_allclose(hidden(alone)[0, :n1], h[0, n0:n0 + n1], rtol=1e-5, atol=1e-5)
