@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -423,7 +424,12 @@ def main(argv=None):
             fresh = not (unit_dir(out, u) / "result.json").exists()
             results[u] = ensure_unit(p, u, args, chosen.get(u[1]))
             if fresh:  # RESULTS.md follows a long sweep unit by unit
-                write_report(p, search, results, chosen, args, argv, t0)
+                try:
+                    write_report(p, search, results, chosen, args, argv, t0)
+                except Exception:  # an interim report never stops hours of compute
+                    traceback.print_exc()
+                    print("[experiment] interim report failed (above); the sweep goes on and "
+                          "the final report will raise it again", flush=True)
     report = write_report(p, search, results, chosen, args, argv, t0)
     print(report.pop("table"))
     print(json.dumps({"bench": "experiment_commonsense", **report}))
