@@ -277,10 +277,20 @@ class BatchIterator:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-def eval_batches(data: TokenizedData, batch_size: int, buckets, pad_id: int = 0):
-    """Every example once, in file order grouped by bucket; the last batch of a bucket is
-    filled with empty rows (no tokens, no labels) so shapes stay (batch_size, T). Label slots
-    hold the most labelled tokens of any example, so one shape serves each bucket."""
+def eval_batches(data: TokenizedData, batch_size: int, buckets, pad_id: int = 0, *,
+                 packing: bool = False):
+    """Every example once, in file order; shapes stay (batch_size, T), the last batch filled
+    with empty rows (no tokens, no labels). Unpacked: one example a row, grouped by bucket.
+    Packed: first fit into rows of the largest bucket, as training packs, so a validation pass
+    costs the rows its tokens fill rather than one row an example; segment ids keep every
+    example's loss its own. Label slots hold the busiest row's labels: one shape per T."""
+    if packing:
+        T, n_lab = int(buckets[-1]), data.label_counts
+        plan = pack_rows(range(len(data)), data.lengths, T, batch_size)
+        capacity = round_capacity(max(int(n_lab[r].sum()) for rows in plan for r in rows if r))
+        for rows in plan:
+            yield with_label_slots(collate_rows(data, rows, T, pad_id), capacity)
+        return
     bucket = bucket_index(data.lengths, buckets)
     capacity = round_capacity(int(data.label_counts.max()))
     for b in range(len(buckets)):
@@ -289,7 +299,6 @@ def eval_batches(data: TokenizedData, batch_size: int, buckets, pad_id: int = 0)
             idx = [int(i) for i in members[start:start + batch_size]]
             rows = [[i] for i in idx] + [[] for _ in range(batch_size - len(idx))]
             yield with_label_slots(collate_rows(data, rows, int(buckets[b]), pad_id), capacity)
-
 
 __all__ = ["BatchIterator", "bucket_index", "collate", "collate_rows", "eval_batches",
            "label_slots", "labelled_per_row", "next_token_targets", "pack_rows",

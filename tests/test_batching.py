@@ -94,6 +94,25 @@ def test_eval_batches_cover_every_example_once():
     assert sorted(rows) == list(range(45))
 
 
+def test_packed_eval_batches_cover_every_example_once_in_fewer_rows():
+    data = tokenized(45)
+    data.labels = [np.where(np.arange(len(x)) < len(x) // 2, D.IGNORE, x).astype(np.int32)
+                   for x in data.input_ids]
+    unpacked = list(B.eval_batches(data, 4, [16, 32, 64]))
+    packed = list(B.eval_batches(data, 4, [16, 32, 64], packing=True))
+    assert len(packed) < len(unpacked) / 2
+    got = {}
+    for b in packed:
+        assert b["input_ids"].shape == (4, 64)
+        assert b["loss_pos"].shape == packed[0]["loss_pos"].shape      # one compiled shape
+        got.update(_examples_in(b))
+    assert sorted(got) == list(range(45))
+    assert all((got[i] == data.input_ids[i]).all() for i in got)
+    # every next-token target once: the same scored tokens as the unpacked pass
+    scored = lambda bs: sorted(int(t) for b in bs for t in b["loss_tgt"].ravel() if t != D.IGNORE)
+    assert scored(packed) == scored(unpacked)
+
+
 # ----------------------------------------------------------------------------- packing
 
 

@@ -239,7 +239,8 @@ def train(cfg: Config, *, max_steps: int | None = None, quiet: bool = False, pla
 def evaluate(step_fn, params, frozen, val_data, cfg, mesh, pad) -> float:
     bs = cfg.train.batch_size // cfg.train.grad_accum
     loss_sum, n = 0.0, 0
-    for i, batch in enumerate(eval_batches(val_data, bs, cfg.data.buckets, pad)):
+    for i, batch in enumerate(eval_batches(val_data, bs, cfg.data.buckets, pad,
+                                           packing=cfg.data.packing)):
         if cfg.train.eval_batches is not None and i >= cfg.train.eval_batches:
             break
         s, c = step_fn.eval_sums(params, frozen, sharding.place_batch(step_inputs(batch), mesh))

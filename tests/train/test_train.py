@@ -173,3 +173,25 @@ def test_two_processes_equal_one(reference, tmp_path):
     assert sorted(tree) == sorted(exported)
     for k in tree:
         np.testing.assert_array_equal(tree[k], exported[k])
+
+
+def test_packed_validation_loss_equals_unpacked(tmp_path):
+    """The validation pass packs rows like training does (far fewer rows); every example's
+    loss stays its own, so the mean over scored tokens is the unpacked one (f32, 1e-5)."""
+    from moka_jax.data import build_datasets, load_tokenizer
+    from moka_jax.train import sharding
+    from moka_jax.train.loop import evaluate
+    from moka_jax.train.step import TrainStep, split_model
+
+    cfg = config_from_dict(tiny(tmp_path, train__steps=2, data__val_size=24,
+                                data__packing=True, train__eval_every=2))
+    s = train(cfg, quiet=True)
+    graphdef, params, frozen = split_model(s["model"])
+    step_fn, mesh = TrainStep(graphdef, None), sharding.make_mesh(1, 1)
+    _, val = build_datasets(cfg.data, load_tokenizer("bytes"))
+    unpacked = config_from_dict(tiny(tmp_path, train__steps=2, data__val_size=24,
+                                     data__packing=False))
+    got = evaluate(step_fn, params, frozen, val, cfg, mesh, 0)
+    want = evaluate(step_fn, params, frozen, val, unpacked, mesh, 0)
+    assert got == pytest.approx(s["val_loss"], rel=1e-6)
+    assert got == pytest.approx(want, rel=1e-5)
