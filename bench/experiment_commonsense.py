@@ -10,6 +10,7 @@ configs/experiments/<method>.yaml over common.yaml and differ only in the adapte
     python bench/experiment_commonsense.py --steps 600 --batch-size 6  # main-run length (rows)
     python bench/experiment_commonsense.py --seeds 0 1 2                # one more seed, reusing 0, 1
     python bench/experiment_commonsense.py --report-only                # RESULTS.md from saved runs
+    python bench/experiment_commonsense.py --status                     # units done / left, minutes left
     python bench/experiment_commonsense.py --tiny --steps 2 ...         # random tiny model
 
 Resumable: every (phase, method, seed or lr) is a unit with its own directory under --out,
@@ -33,6 +34,8 @@ import sys
 import time
 import traceback
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results_report  # noqa: E402
@@ -66,6 +69,9 @@ def parse_args(argv=None):
                     help="run units in this process (tests; SmolLM2 wants one process each)")
     ap.add_argument("--report-only", action="store_true",
                     help="write the report from the saved units; train nothing")
+    ap.add_argument("--status", action="store_true",
+                    help="list the units done, under way and left, and the compute left; "
+                         "run nothing")
     ap.add_argument("--out", default=str(REPO / "results" / "commonsense" / "sweep"),
                     help="unit records (committed, so a sweep resumes in a fresh clone; "
                          "trainer checkpoints under it are git-ignored)")
@@ -401,6 +407,40 @@ def copy_adapters(results: dict, out_dir: Path, figures: Path) -> dict[str, str]
     return out
 
 
+def status(p: dict, out: Path) -> dict:
+    """Where a sweep stands: each unit done (its minutes), under way (the trainer's last
+    checkpoint, finished evaluation modes) or to run, and the compute left, estimated per unit
+    from the finished units of its phase and method (else its phase, base aside)."""
+    lines, done, todo = [], {}, []
+    for phase in PHASES:
+        for u in units(p, phase):
+            d, name = unit_dir(out, u), "/".join(u)
+            if (d / "result.json").exists():
+                done[u] = json.loads((d / "result.json").read_text()).get("wall_seconds", 0.0)
+                lines.append(f"done     {name:<32} {done[u] / 60:6.1f} min")
+                continue
+            todo.append(u)
+            steps = sorted(int(c.name) for c in (d / "run" / "checkpoints").glob("[0-9]*")
+                           if c.name.isdigit())
+            evals = [m for m in p["eval"]["modes"] if (d / f"eval-{m}.json").exists()]
+            state = ("trained" if (d / "train.json").exists() else
+                     f"checkpoint at step {steps[-1]}" if steps else "")
+            state = ", ".join(x for x in (state, *(f"{m} evaluated" for m in evals)) if x)
+            lines.append(f"{'partial' if state else 'to run':<8} {name:<32} {state}")
+
+    def estimate(u):
+        same = [s for v, s in done.items() if v[:2] == u[:2]]
+        like = [s for v, s in done.items() if v[0] == u[0] and "base" not in (u[1], v[1])]
+        return float(np.mean(same or like)) if (same or like) else None
+
+    est = [estimate(u) for u in todo]
+    known = [e for e in est if e is not None]
+    summary = {"done": len(done), "to_run": len(todo), "done_minutes": sum(done.values()) / 60,
+               "left_minutes_estimate": sum(known) / 60 if known else None,
+               "units_without_estimate": ["/".join(u) for u, e in zip(todo, est) if e is None]}
+    return {"lines": lines, **summary}
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.unit:
@@ -413,6 +453,11 @@ def main(argv=None):
     for m in p["methods"]:
         unit_config(p, ("train", m, f"seed-{p['seeds'][0]}"), out, 1e-3)
     check_manifest(p, out)
+    if args.status:
+        st = status(p, out)
+        print("\n".join(st.pop("lines")))
+        print(json.dumps({"bench": "experiment_commonsense_status", **st}))
+        return
     if args.report_only:
         search, results = saved_units(out, "search"), saved_units(out, "train")
         chosen = {m: r["lr"] for (_, m, _), r in results.items() if r["lr"] is not None}

@@ -161,3 +161,22 @@ def test_report_only_and_documented_merge_command(sweep, capsys):
     merged = md.parent / argv[argv.index("--out") + 1]
     assert (merged / "config.json").exists() and list(merged.glob("*.safetensors"))
     shutil.rmtree(merged)
+
+
+def test_status_lists_units_and_estimates_the_compute_left(sweep, capsys):
+    tmp, args = sweep
+    unit = tmp / "runs" / "train" / "moka" / "seed-1"
+    saved = {n: (unit / n).read_bytes() for n in ("result.json", "eval-generate.json")}
+    try:
+        for n in saved:                       # as if cut off after its choice evaluation
+            (unit / n).unlink()
+        out, log = run([*args, "--status"], capsys)
+    finally:
+        for n, data in saved.items():
+            (unit / n).write_bytes(data)
+    n_units = 2 * 2 + 1 + 2 * 2               # lr trials, base, methods x seeds
+    assert out["done"] == n_units - 1 and out["to_run"] == 1
+    assert "partial  train/moka/seed-1" in log and "trained, choice evaluated" in log
+    moka0 = json.loads((tmp / "runs/train/moka/seed-0/result.json").read_text())["wall_seconds"]
+    assert out["left_minutes_estimate"] == pytest.approx(moka0 / 60)   # the same method's unit
+    assert out["units_without_estimate"] == []
