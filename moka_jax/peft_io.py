@@ -12,8 +12,11 @@ subdirectories, as PeftModel.save_pretrained lays out several adapters; `peft_ad
 lists them. `load_peft_model` loads and activates all of them. Whatever PEFT cannot express
 (padded Kronecker shapes, MoKAs blocks that do not tile the weight, ...) is refused before
 anything is written, naming the layer.
-In: a PEFT LoRA directory (LoRA, DoRA, rsLoRA) over a LLaMA-family base. Options that would
-change what the adapter computes and that moka-jax does not model are refused, by name.
+In: a PEFT LoRA directory (LoRA, DoRA, rsLoRA) over a LLaMA-family base becomes our LoRA / DoRA;
+a PEFT LoKr directory (whole or low-rank factors; several LoKr adapters as export_peft writes
+them) becomes an ungated MoKA with one component per LoKr adapter and its shapes per weight
+dims. Options that would change what the adapter computes and that moka-jax does not model
+are refused, by name.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 
 from moka_jax import shapes as shapes_lib
 from moka_jax.adapters import DoRA, LoRA, MoKA, MoKAs
+from moka_jax.models.hf import hf_tensor_specs
 from moka_jax.nn import linear_paths
 
 PREFIX = "base_model.model."
@@ -50,8 +54,6 @@ class PeftAdapter:
 
 def hf_module_map(llama_config) -> dict[str, str]:
     """Our layer path ('layers/0/attn/q_proj') -> the HF module ('model.layers.0.self_attn.q_proj')."""
-    from moka_jax.models.hf import hf_tensor_specs
-
     return {s.path: s.hf_name.removesuffix(".weight") for s in hf_tensor_specs(llama_config)
             if s.kind == "linear"}
 
@@ -243,15 +245,25 @@ def load_peft_model(hf_model, peft_dir):
 
 # ---- import ---------------------------------------------------------------------------------
 
-# Keys of a PEFT LoraConfig that do not change what a trained adapter computes.
-_INERT = {"peft_type", "task_type", "peft_version", "base_model_name_or_path", "revision",
-          "inference_mode", "auto_mapping", "init_lora_weights", "loftq_config", "eva_config",
-          "corda_config", "lora_ga_config", "kasa_config", "megatron_config", "megatron_core",
-          "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
-          "lora_dropout", "ensure_weight_tying", "qalora_group_size", "alora_invocation_tokens",
-          "r", "lora_alpha", "use_dora", "use_rslora", "bias"}
-_SUFFIXES = {".lora_A.weight": "lora_a", ".lora_B.weight": "lora_b",
-             ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude"}
+# Keys of a PEFT config that do not change what a trained adapter computes (per peft_type).
+_COMMON_INERT = {"peft_type", "task_type", "peft_version", "base_model_name_or_path", "revision",
+                 "inference_mode", "auto_mapping", "target_modules", "exclude_modules",
+                 "layers_to_transform", "layers_pattern", "r", "bias"}
+_INERT = {
+    "LORA": _COMMON_INERT | {
+        "init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+        "kasa_config", "megatron_config", "megatron_core", "lora_dropout", "ensure_weight_tying",
+        "qalora_group_size", "alora_invocation_tokens", "lora_alpha", "use_dora", "use_rslora"},
+    # dropouts act in training only; decompose_* decide the factor shapes, read off the tensors
+    "LOKR": _COMMON_INERT | {
+        "alpha", "init_weights", "rank_dropout", "module_dropout", "rank_dropout_scale",
+        "decompose_both", "decompose_factor", "use_effective_conv2d"},
+}
+_SUFFIXES = {
+    "LORA": {".lora_A.weight": "lora_a", ".lora_B.weight": "lora_b",
+             ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude"},
+    "LOKR": {f".lokr_{k}": k for k in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")},
+}
 
 
 def is_peft_dir(path) -> bool:
@@ -268,13 +280,13 @@ def read_peft_config(peft_dir) -> dict:
     except files.FileCheckError as e:
         raise PeftError(str(e)) from None
     kind = cfg.get("peft_type")
-    if kind != "LORA":
+    if kind not in _INERT:
         raise PeftError(f"{file}: peft_type {kind!r}; moka-jax imports PEFT LoRA / DoRA "
-                        "adapters (peft_type LORA) only")
+                        "(peft_type LORA) and LoKr (LOKR) adapters")
     if cfg.get("bias", "none") != "none":
         raise PeftError(f"{file}: bias={cfg['bias']!r} trains base biases; moka-jax keeps the "
                         "base frozen (only bias='none' imports)")
-    active = sorted(k for k, v in cfg.items() if k not in _INERT and v not in
+    active = sorted(k for k, v in cfg.items() if k not in _INERT[kind] and v not in
                     (None, False, {}, [], "", 0))
     if active:
         raise PeftError(f"{file}: option(s) {', '.join(f'{k}={cfg[k]!r}' for k in active)} "
@@ -282,61 +294,145 @@ def read_peft_config(peft_dir) -> dict:
     return cfg
 
 
-def read_peft(peft_dir, llama_config) -> tuple[dict, dict[str, np.ndarray]]:
-    """(adapter meta, {our tree key: array}) of a PEFT LoRA / DoRA directory.
+def _adapter_dirs(peft_dir: Path) -> list[Path]:
+    """The directory's adapters: itself, plus the others export_peft lists in its index."""
+    index = peft_dir / INDEX_FILE
+    if not index.is_file():
+        return [peft_dir]
+    entries = json.loads(index.read_text())["adapters"]
+    return [peft_dir] + [peft_dir / e["subfolder"] for e in entries[1:]]
 
-    meta is what a moka-jax adapter records (adapter config, targets, base, tree), so the
-    adapter attaches and loads like one of ours: to evaluate, or to train on.
-    """
+
+def _read_layers(adapter_dir: Path, kind: str, ours: dict, llama_config) -> dict[str, dict]:
+    """{our layer path: {leaf: array}} of one PEFT adapter's safetensors."""
     from safetensors.numpy import load_file
 
-    from moka_jax.adapters import DoRAConfig, LoRAConfig, adapter_config_to_dict
-    from moka_jax.train.checkpoint import tree_signature
-
-    peft_dir = Path(peft_dir)
-    cfg = read_peft_config(peft_dir)
-    file = peft_dir / WEIGHTS_FILE
-    if not file.is_file():
-        raise PeftError(f"{peft_dir}: no {WEIGHTS_FILE} (pickled adapter_model.bin files are "
-                        "never loaded; re-save the adapter with safe_serialization=True)")
     from moka_jax import files
+
+    file = adapter_dir / WEIGHTS_FILE
+    if not file.is_file():
+        raise PeftError(f"{adapter_dir}: no {WEIGHTS_FILE} (pickled adapter_model.bin files are "
+                        "never loaded; re-save the adapter with safe_serialization=True)")
     try:  # named before safetensors reads it: truncated / random bytes
         files.safetensors_header(file, "save the adapter again with PeftModel.save_pretrained")
     except files.FileCheckError as e:
         raise PeftError(str(e)) from None
-    raw = load_file(str(file))
-    ours = {hf: path for path, hf in hf_module_map(llama_config).items()}
-    values, shapes = {}, {}
-    for key, arr in raw.items():
-        module, leaf = next(((key[:-len(s)], v) for s, v in _SUFFIXES.items()
-                             if key.endswith(s)), (None, None))
+    layers: dict[str, dict] = {}
+    example = next(iter(_SUFFIXES[kind]))
+    for key, arr in load_file(str(file)).items():
+        module, leaf = next(((key[:-len(sfx)], v) for sfx, v in _SUFFIXES[kind].items()
+                             if key.endswith(sfx)), (None, None))
         module = module.removeprefix(PREFIX) if module else None
         if module is None or module not in ours:
-            raise PeftError(f"{file}: tensor {key} is not a LoRA factor of a linear layer of "
-                            f"this {llama_config.architecture} (e.g. "
-                            f"{PREFIX}{next(iter(ours))}.lora_A.weight)")
-        path = ours[module]
-        values[f"{path}/adapter/{leaf}"] = np.asarray(arr, np.float32)
-        shapes[path] = shapes.get(path, set()) | {leaf}
+            factor = "LoRA" if kind == "LORA" else "LoKr"
+            raise PeftError(f"{file}: tensor {key} is not a {factor} factor of a linear layer "
+                            f"of this {llama_config.architecture} (e.g. "
+                            f"{PREFIX}{next(iter(ours))}{example})")
+        layers.setdefault(ours[module], {})[leaf] = np.asarray(arr, np.float32)
+    return layers
+
+
+def _targets(paths: list[str], ours: dict) -> list[str] | str:
+    return _short_targets(paths, list(ours.values())) or \
+        "^(" + "|".join(re.escape(p) for p in paths) + ")$"
+
+
+def read_peft(peft_dir, llama_config) -> tuple[dict, dict[str, np.ndarray]]:
+    """(adapter meta, {our tree key: array}) of a PEFT LoRA / DoRA / LoKr directory.
+
+    meta is what a moka-jax adapter records (adapter config, targets, base, tree), so the
+    adapter attaches and loads like one of ours: to evaluate, or to train on.
+    """
+    from moka_jax.adapters import adapter_config_to_dict
+    from moka_jax.train.checkpoint import tree_signature
+
+    peft_dir = Path(peft_dir)
+    dirs = _adapter_dirs(peft_dir)
+    cfgs = [read_peft_config(d) for d in dirs]
+    kinds = {c["peft_type"] for c in cfgs}
+    if len(kinds) > 1:
+        raise PeftError(f"{peft_dir}: adapters of types {sorted(kinds)} together; import one type")
+    ours = {hf: path for path, hf in hf_module_map(llama_config).items()}
+    read = [_read_layers(d, c["peft_type"], ours, llama_config) for d, c in zip(dirs, cfgs)]
+    if kinds == {"LORA"}:
+        if len(dirs) > 1:
+            raise PeftError(f"{peft_dir}: {len(dirs)} LoRA adapters; merge them into one in "
+                            "PEFT (add_weighted_adapter) before importing")
+        adapter, values = _lora(cfgs[0], read[0], peft_dir / WEIGHTS_FILE)
+    else:
+        dims = {sp.path: sp.shape for sp in hf_tensor_specs(llama_config) if sp.kind == "linear"}
+        adapter, values = _lokr(cfgs, read, dirs, dims)
+    paths = sorted({k.split("/adapter/")[0] for k in values}, key=list(ours.values()).index)
+    meta = {"format": "peft", "adapter": adapter_config_to_dict(adapter),
+            "targets": _targets(paths, ours), "base": {"path": cfgs[0].get("base_model_name_or_path")},
+            "tree": tree_signature(values), "source": str(peft_dir)}
+    return meta, values
+
+
+def _lora(cfg: dict, layers: dict, file: Path):
+    from moka_jax.adapters import DoRAConfig, LoRAConfig
+
     dora = bool(cfg.get("use_dora"))
     want = {"lora_a", "lora_b"} | ({"magnitude"} if dora else set())
-    for path, leaves in shapes.items():
-        if leaves != want:
+    r = int(cfg["r"])
+    for path, leaves in layers.items():
+        if set(leaves) != want:
             raise PeftError(f"{file}: layer {path} has {sorted(leaves)}, expected "
                             f"{sorted(want)} for {'DoRA' if dora else 'LoRA'}")
-    r = int(cfg["r"])
-    for path in shapes:
-        got = values[f"{path}/adapter/lora_a"].shape[0]
-        if got != r:
-            raise PeftError(f"{file}: layer {path} has rank {got}, the config r={r}")
+        if leaves["lora_a"].shape[0] != r:
+            raise PeftError(f"{file}: layer {path} has rank {leaves['lora_a'].shape[0]}, the "
+                            f"config r={r}")
     alpha = float(cfg.get("lora_alpha", 8))
     # rsLoRA scales by alpha / sqrt(r); ours is alpha / r, so alpha * sqrt(r) is the same dW.
     alpha = alpha * math.sqrt(r) if cfg.get("use_rslora") else alpha
-    adapter = (DoRAConfig if dora else LoRAConfig)(r=r, alpha=alpha)
-    paths = sorted(shapes, key=list(ours.values()).index)
-    targets = _short_targets(paths, list(ours.values())) or \
-        "^(" + "|".join(re.escape(p) for p in paths) + ")$"
-    meta = {"format": "peft", "adapter": adapter_config_to_dict(adapter), "targets": targets,
-            "base": {"path": cfg.get("base_model_name_or_path")},
-            "tree": tree_signature(values), "source": str(peft_dir)}
-    return meta, values
+    values = {f"{path}/adapter/{leaf}": v for path, leaves in layers.items()
+              for leaf, v in leaves.items()}
+    return (DoRAConfig if dora else LoRAConfig)(r=r, alpha=alpha), values
+
+
+def _lokr_factor(leaves: dict, w: str, where: str) -> np.ndarray:
+    """A LoKr factor: stored whole (w1), or as its low-rank product (w1_a @ w1_b)."""
+    if w in leaves:
+        return np.asarray(leaves[w], np.float64)
+    if f"{w}_a" in leaves and f"{w}_b" in leaves:
+        return np.asarray(leaves[f"{w}_a"], np.float64) @ np.asarray(leaves[f"{w}_b"], np.float64)
+    raise PeftError(f"{where}: no lokr_{w} (or lokr_{w}_a and lokr_{w}_b); got "
+                    f"{sorted(leaves)}")
+
+
+def _lokr(cfgs: list[dict], read: list[dict], dirs: list[Path], dims: dict):
+    """Ungated MoKA with one component per LoKr adapter of a layer: A_i = r_l (alpha_i / r_i)
+    w1_i, B_i = w2_i, scale 1, so dW = sum_i (alpha_i / r_i) kron(w1_i, w2_i), PEFT's sum of
+    active adapters, exactly (the ungated mixture's 1 / r_l is folded into A). Low-rank
+    (decomposed) factors come in as their products: exact in the forward pass, and continued
+    training trains the full factors. Shapes are recorded per weight dims (MoKAConfig.shapes)."""
+    from moka_jax.adapters import MoKAConfig
+    from moka_jax.adapters.moka import component_groups
+
+    comps: dict[str, list] = {}
+    for cfg, layers, d in zip(cfgs, read, dirs):
+        scaling = float(cfg.get("alpha", 8)) / float(cfg["r"])
+        for path, leaves in layers.items():
+            where = f"{d / WEIGHTS_FILE}: layer {path}"
+            if "t2" in leaves:
+                raise PeftError(f"{where} has lokr_t2 (a conv CP factor); linear layers have none")
+            w1, w2 = _lokr_factor(leaves, "w1", where), _lokr_factor(leaves, "w2", where)
+            m, n = dims[path]
+            if w1.shape[0] * w2.shape[0] != m or w1.shape[1] * w2.shape[1] != n:
+                raise PeftError(f"{where}: kron of w1 {w1.shape} and w2 {w2.shape} is not the "
+                                f"{m}x{n} weight")
+            comps.setdefault(path, []).append((scaling * w1, w2))
+    table, values = {}, {}
+    for path, pairs in comps.items():
+        shapes = [(a.shape, b.shape) for a, b in pairs]
+        key = "{}x{}".format(*dims[path])
+        if table.setdefault(key, shapes) != shapes:
+            raise PeftError(f"{dirs[0]}: layers of the {key} weight differ in their LoKr "
+                            f"factors ({table[key]} vs {shapes} at {path}); moka-jax keeps one "
+                            "list of shapes per weight dims")
+        for g, ids in enumerate(component_groups(shapes).values()):
+            values[f"{path}/adapter/a/{g}"] = np.stack(
+                [len(pairs) * pairs[i][0] for i in ids]).astype(np.float32)
+            values[f"{path}/adapter/b/{g}"] = np.stack([pairs[i][1] for i in ids]).astype(np.float32)
+    return MoKAConfig(r=max(len(v) for v in table.values()), shapes=table, scale=1.0,
+                      gated=False), values

@@ -69,6 +69,39 @@ def validate_kron_shapes(shapes, m: int, n: int, layer: str = "") -> list[KronSh
     return out
 
 
+def shapes_table(shapes):
+    """Explicit shapes as given (one list for every layer), or a per-weight-dims table
+    {"MxN": list} (out x in; layers of different dims, e.g. q_proj and a GQA v_proj) as a
+    sorted tuple of ("MxN", list) pairs: hashable, and unchanged by a JSON round trip."""
+    if not isinstance(shapes, dict):
+        return shapes
+    for key in shapes:
+        if not (isinstance(key, str) and len(key.split("x")) == 2
+                and all(p.isdigit() for p in key.split("x"))):
+            raise ValueError(f"shapes: key {key!r} is not a weight's dims 'MxN' (out x in), "
+                             "e.g. '576x576'")
+    tup = lambda v: tuple(tup(e) for e in v) if isinstance(v, list | tuple) else v
+    return tuple(sorted((k, tup(v)) for k, v in shapes.items()))
+
+
+def _is_table(shapes) -> bool:
+    return (isinstance(shapes, tuple) and len(shapes) > 0
+            and all(isinstance(e, tuple) and len(e) == 2 and isinstance(e[0], str) for e in shapes))
+
+
+def explicit_kron_shapes(shapes, m: int, n: int, layer: str = "") -> list[KronShape]:
+    """A config's explicit shapes for an (m, n) layer: the one list, or its dims' entry of a
+    shapes_table; checked by validate_kron_shapes."""
+    shapes = shapes_table(shapes)
+    if _is_table(shapes):
+        table = dict(shapes)
+        if f"{m}x{n}" not in table:
+            raise ValueError(f"{_layer(layer)}: the per-shape table has no entry for its "
+                             f"{m}x{n} weight (entries: {sorted(table)}); add '{m}x{n}'")
+        shapes = table[f"{m}x{n}"]
+    return validate_kron_shapes(shapes, m, n, layer)
+
+
 def splits(d: int, max_pad: float = MAX_PAD_FRACTION) -> list[tuple[int, int]]:
     """All (a, b) with a*b >= d, b = ceil(d / a), padding a*b - d <= max_pad * d."""
     out = []

@@ -1,6 +1,6 @@
 """PEFT directories both ways, checked in peft itself on tiny random f32 models: LoRA / DoRA /
 multi-component MoKA out (PeftModel logits == ours on the dequantised base), PEFT LoRA / DoRA /
-rsLoRA in (our logits == PeftModel's, and the imported adapter trains), and the refusals."""
+rsLoRA / LoKr in (our logits == PeftModel's, and the imported adapter trains), and the refusals."""
 
 import dataclasses
 import json
@@ -17,7 +17,7 @@ from moka_jax import peft_io
 from moka_jax.adapters import DoRAConfig, LoRAConfig, MoKAConfig, MoKAsConfig
 from moka_jax.export import export_hf
 from moka_jax.models.llama import Llama, LlamaConfig
-from moka_jax.nn import adapter_state, attach_adapters
+from moka_jax.nn import adapter_state, attach_adapters, linear_paths
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -112,19 +112,28 @@ def test_default_planner_shapes_peft_cannot_build_are_refused(tmp_path):
 
 # ---- import -----------------------------------------------------------------------------
 
-def peft_dir(tmp_path, **lora):
-    """A PEFT LoRA directory made by peft itself, with random (non-zero) B."""
+def peft_made(tmp_path, peft_config, perturb):
+    """(base dir, PEFT dir, PeftModel logits) of an adapter made by peft itself on q_proj,
+    v_proj and down_proj, its weights perturbed in place by perturb(name, param)."""
     base = export_hf(Llama(TINY, quant="none", rngs=nnx.Rngs(1)), TINY, tmp_path / "base",
                      merged=False)
     torch.manual_seed(0)
-    model = peft.get_peft_model(hf_model(base), peft.LoraConfig(
-        target_modules=["q_proj", "v_proj", "down_proj"], **lora))
+    model = peft.get_peft_model(hf_model(base), peft_config)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name or "magnitude" in name:
-                p.add_(0.1 * torch.randn_like(p))
+            perturb(name, p)
     model.save_pretrained(tmp_path / "peft")
     return base, tmp_path / "peft", torch_logits(model.eval())
+
+
+PEFT_TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def peft_dir(tmp_path, **lora):
+    """A PEFT LoRA directory with random (non-zero) B."""
+    return peft_made(tmp_path, peft.LoraConfig(target_modules=PEFT_TARGETS, **lora),
+                     lambda n, p: ("lora_B" in n or "magnitude" in n)
+                     and p.add_(0.1 * torch.randn_like(p)))
 
 
 @pytest.mark.parametrize("lora", [dict(r=4, lora_alpha=8), dict(r=4, lora_alpha=8, use_dora=True),
@@ -185,3 +194,58 @@ def test_peft_import_refuses_unknown_modules(tmp_path):
     other = dataclasses.replace(TINY, num_hidden_layers=1)  # layer 1 does not exist there
     with pytest.raises(peft_io.PeftError, match="model.layers.1.*not a LoRA factor"):
         peft_io.read_peft(src, other)
+
+
+def lokr_dir(tmp_path, **lokr):
+    """A PEFT LoKr directory, every factor random (non-zero dW)."""
+    return peft_made(tmp_path, peft.LoKrConfig(target_modules=PEFT_TARGETS, **lokr),
+                     lambda n, p: "lokr_" in n and p.copy_(0.3 * torch.randn_like(p)))
+
+
+@pytest.mark.parametrize("lokr", [dict(r=32, alpha=16), dict(r=2, alpha=3, decompose_both=True),
+                                  dict(r=4, alpha=4, decompose_factor=4)],
+                         ids=["whole", "low-rank", "factor-4"])
+def test_peft_lokr_imports_as_ungated_moka_with_equal_logits(lokr, tmp_path):
+    base, src, theirs = lokr_dir(tmp_path, **lokr)
+    keys = set(__import__("safetensors.numpy", fromlist=["x"]).load_file(
+        str(src / "adapter_model.safetensors")))
+    assert any(k.endswith("lokr_w1_a") for k in keys) == bool(lokr.get("decompose_both"))
+    model, _ = mj.load(base, adapter=src, quant="none", dtype=jnp.float32)
+    assert rel(ours(model), theirs) <= REL_TOL, rel(ours(model), theirs)
+    assert rel(torch_logits(hf_model(base)), theirs) > 1e-2  # the adapter matters
+    meta, _ = peft_io.read_peft(src, TINY)
+    assert meta["adapter"]["kind"] == "moka" and meta["adapter"]["gated"] is False
+    assert {k for k, _ in meta["adapter"]["shapes"]} == {"64x64", "32x64", "64x128"}
+
+
+@pytest.mark.parametrize("adapter, config", [(MoKAConfig(r=3, exact=True), KV1),
+                                             (MoKAsConfig(primes=(2,)), TINY)],
+                         ids=["gated-multi-shape", "mokas"])
+def test_moka_round_trips_through_peft_lokr(adapter, config, tmp_path):
+    model = adapted(adapter, quant="none", config=config)
+    out = peft_io.export_peft(model, tmp_path / "lokr")
+    back = Llama(config, quant="none", rngs=nnx.Rngs(1))
+    from moka_jax.eval.loading import attach_exported_adapter
+    attach_exported_adapter(back, out)
+    assert rel(ours(back), ours(model)) <= 1e-5, rel(ours(back), ours(model))
+    want = {p: l.adapter for p, l in linear_paths(model) if l.adapter is not None}
+    got = {p: l.adapter for p, l in linear_paths(back) if l.adapter is not None}
+    assert sorted(got) == sorted(want)
+    for p in want:
+        np.testing.assert_allclose(got[p].delta_weight(), want[p].delta_weight(),
+                                   rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rank_pattern": {"q_proj": 2}}, "rank_pattern"),
+    ({"use_effective_conv2d": True, "module_dropout": 0.1, "init_weights": False}, None),
+])
+def test_peft_lokr_import_options(change, message, tmp_path):
+    _, src, _ = lokr_dir(tmp_path, r=2, alpha=2)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    (src / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
+    if message is None:   # training-time or conv-only options: nothing refused
+        peft_io.read_peft(src, TINY)
+        return
+    with pytest.raises(peft_io.PeftError, match=message):
+        peft_io.read_peft(src, TINY)

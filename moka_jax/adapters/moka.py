@@ -28,6 +28,15 @@ from moka_jax.variables import AdapterParam
 DEFAULT_SCALE = 2.0
 
 
+def component_groups(shapes) -> dict[Any, list[int]]:
+    """{shape: component ids} in first-appearance order: how MoKA stacks equal-shape factors
+    (parameter a/g and b/g hold the components group g lists)."""
+    order: dict[Any, list[int]] = {}
+    for i, s in enumerate(shapes):
+        order.setdefault(tuple(map(tuple, s)), []).append(i)
+    return order
+
+
 def _gate_weights(g, r: int, gated: bool):
     if gated:
         return jax.nn.softmax(g[...].astype(jnp.float32))
@@ -49,9 +58,7 @@ class MoKA(nnx.Module):
         # Components of equal shape share one stacked parameter per factor, so the apply
         # runs one batched contraction per distinct shape. group_index[g] lists the
         # component ids (positions in `shapes`) stored in group g, in order.
-        order: dict[Any, list[int]] = {}
-        for i, s in enumerate(shapes):
-            order.setdefault(s, []).append(i)
+        order = component_groups(shapes)
         self.group_index = tuple(tuple(ids) for ids in order.values())
         a_list, b_list = [], []
         for (ma, na), (mb, nb) in order:
@@ -149,12 +156,14 @@ class MoKAs(nnx.Module):
 class MoKAConfig:
     """MoKA on every target layer. shapes (explicit, win over the planner) or r + budget.
 
+    shapes: one list of ((ma, na), (mb, nb)) for every layer, or {"MxN": list} per weight dims.
+
     exact: the planner keeps to exact factorisations PEFT LoKr can build, so the adapter
     exports to PEFT (`moka_jax.peft_io`); explicit shapes are used as given.
     """
 
     r: int = dataclasses.field(default=10, metadata=domain(COUNT))
-    shapes: tuple | None = None
+    shapes: tuple | dict | None = None
     budget: int | None = dataclasses.field(default=None, metadata=domain(COUNT))
     scale: float = dataclasses.field(default=DEFAULT_SCALE, metadata=domain(POSITIVE))
     gated: bool = True
@@ -166,10 +175,11 @@ class MoKAConfig:
     def __post_init__(self):
         check_fields(self)
         kron.check_schedule(self.schedule)
+        object.__setattr__(self, "shapes", shapes_lib.shapes_table(self.shapes))  # dict -> pairs
 
     def layer_shapes(self, m: int, n: int, name: str = ""):
         if self.shapes is not None:
-            return shapes_lib.validate_kron_shapes(self.shapes, m, n, name)
+            return shapes_lib.explicit_kron_shapes(self.shapes, m, n, name)
         return shapes_lib.plan_moka_shapes(m, n, self.r, self.budget, name, exact=self.exact)
 
     def build(self, base, name: str, rngs: nnx.Rngs) -> MoKA:

@@ -1,5 +1,8 @@
 """MoKA / ungated MoKA / MoKAs modules: init, parameter counts, torch and PEFT LoKr parity."""
 
+import json
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,6 +12,8 @@ from flax import nnx
 from moka_jax import nn, torch_ref
 from moka_jax.adapters import MoKAConfig, MoKAsConfig
 from moka_jax.nn import MoKADense, count_params
+
+REPO = Path(__file__).resolve().parents[2]
 
 TOL = 1e-5
 
@@ -121,3 +126,26 @@ def test_bad_input_raises_at_construction():
         MoKADense(45, 37, moka=MoKAConfig(r=0), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="too small"):
         MoKADense(45, 37, moka=MoKAConfig(r=4, budget=10), rngs=nnx.Rngs(0))
+
+
+def test_shapes_per_weight_dims():
+    """shapes={"MxN": list}: each layer takes its dims' list (q_proj and a GQA v_proj differ);
+    a JSON / YAML round trip keeps it; dims without an entry are named with the fix."""
+    from moka_jax.adapters import adapter_config_from_dict, adapter_config_to_dict
+    from moka_jax.config import load_config
+
+    table = {"37x45": [((5, 9), (8, 5))], "12x45": [((3, 5), (4, 9)), ((2, 3), (6, 15))]}
+    cfg = MoKAConfig(shapes=table, gated=False)
+    q = MoKADense(45, 37, moka=cfg, rngs=nnx.Rngs(0)).adapter
+    v = MoKADense(45, 12, moka=cfg, rngs=nnx.Rngs(0)).adapter
+    assert list(q.shapes) == table["37x45"] and list(v.shapes) == table["12x45"] and v.r == 2
+    assert adapter_config_from_dict(json.loads(json.dumps(adapter_config_to_dict(cfg)))) == cfg
+    yaml_cfg = load_config(REPO / "configs" / "tiny-debug.yaml", [
+        "adapter.kind=moka", "adapter.gated=false", f"adapter.shapes={json.dumps(table)}"])
+    assert yaml_cfg.adapter.config.shapes == cfg.shapes and not yaml_cfg.adapter.config.gated
+    with pytest.raises(ValueError, match=r"layer 'blk/o_proj'.*no entry for its 45x45 weight.*"
+                                         r"add '45x45'"):
+        cfg.build(nn.Linear(45, 45, rngs=nnx.Rngs(0), name="blk/o_proj"), "blk/o_proj",
+                  nnx.Rngs(0))
+    with pytest.raises(ValueError, match="key 'q_proj' is not a weight's dims 'MxN'"):
+        MoKAConfig(shapes={"q_proj": table["37x45"]})
