@@ -17,7 +17,7 @@ Resumable: every (phase, method, seed or lr) is a unit with its own directory un
 run in its own process; a finished unit (result.json) is reused, a killed one resumes from its
 trainer checkpoint (sweep.yaml save_every) and from its finished evaluation modes. --out/
 sweep.json records the settings; a sweep with other settings over it is refused before any
-work (nothing is deleted): pass another --out. Methods and seeds may be added to a sweep.
+work (nothing is deleted): pass another --out. Methods, seeds and lr values may be added.
 The report (tables, paired bootstrap intervals, plots) goes into the generated section of
 RESULTS.md (bench/results_report.py); the trained adapters are copied to <figures>/adapters.
 Last stdout line: one JSON object.
@@ -142,8 +142,11 @@ def _check_protocol(p: dict, source) -> None:
 
 def reuse_key(p: dict) -> dict:
     """What saved units must share with this sweep to be reused: everything except which
-    methods and seeds are run (those may be extended)."""
-    return {k: v for k, v in p.items() if k not in ("methods", "seeds", "family_of")}
+    methods, seeds and lr values are run (those may be extended; a grid that gains a value
+    whose trial wins makes the main runs at the old pick stale, and ensure_unit refuses them)."""
+    key = {k: v for k, v in p.items() if k not in ("methods", "seeds", "family_of")}
+    key["families"] = {f: {"methods": spec["methods"]} for f, spec in p["families"].items()}
+    return key
 
 
 def check_manifest(p: dict, out: Path) -> None:

@@ -180,3 +180,33 @@ def test_status_lists_units_and_estimates_the_compute_left(sweep, capsys):
     moka0 = json.loads((tmp / "runs/train/moka/seed-0/result.json").read_text())["wall_seconds"]
     assert out["left_minutes_estimate"] == pytest.approx(moka0 / 60)   # the same method's unit
     assert out["units_without_estimate"] == []
+
+
+def test_an_lr_value_added_to_the_grids_reuses_the_other_trials(sweep, capsys, tmp_path):
+    """Grids widened by one value run only the new trials; if one wins, the main runs trained
+    at the old pick are refused (nothing deleted), else they are reused."""
+    tmp, args = sweep
+    grid = yaml.safe_load((tmp / "sweep.yaml").read_text())
+    for fam in grid["families"].values():      # every family gets the same number of trials
+        fam["lrs"].append(5e-3)
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(grid))
+    wider = [str(tmp_path / "sweep.yaml") if a == str(tmp / "sweep.yaml") else a for a in args]
+    val = lambda m, lr: json.loads((tmp / f"runs/search/{m}/lr-{lr:g}/result.json").read_text())[
+        "train"]["val_loss"]
+    try:
+        try:
+            experiment.main(wider)
+            refused = None
+        except SystemExit as e:
+            refused = str(e)
+        log = capsys.readouterr().out
+        for m in ("lora-r16", "moka"):
+            assert f"search/{m}/lr-0.001: reusing" in log and f"search/{m}/lr-0.01: reusing" in log
+            assert f"search/{m}/lr-0.005: run" in log
+        if any(val(m, 5e-3) < min(val(m, 1e-3), val(m, 1e-2)) for m in ("lora-r16", "moka")):
+            assert "was trained at lr" in refused and "nothing was deleted" in refused
+        else:
+            assert refused is None and "train/moka/seed-1: reusing" in log
+    finally:
+        for m in ("lora-r16", "moka"):
+            shutil.rmtree(tmp / f"runs/search/{m}/lr-0.005", ignore_errors=True)
