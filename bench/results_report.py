@@ -268,7 +268,8 @@ def write_report(p, search: dict, results: dict, chosen: dict, *, results_md: Pa
     lines = [BEGIN, "",
              f"Command: `{command}`. Methods: {', '.join(p['methods'])}; lr search {len(next(iter(p['families'].values()))['lrs'])}"
              f" values x {p['search']['steps']} steps per {p['search']['per']}; main runs "
-             f"{p['steps']} steps of {p['batch_size']} examples, seeds {p['seeds']}; evaluation "
+             f"{p['steps']} steps of train.batch_size = {p['batch_size']} rows (packed: about "
+             f"2.7 examples a row), seeds {p['seeds']}; evaluation "
              f"on the first {ev['limit']} dev questions of {len(ev['tasks'])} tasks "
              f"({n_items} per mode), modes {', '.join(ev['modes'])}"
              + (f"; overrides {p['overrides']}" if p["overrides"] else "") + ".",
