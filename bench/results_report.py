@@ -3,9 +3,9 @@
 Per method and task: mean and spread (sample sd) over seeds in choice and generate mode, the
 share of generated answers that parse; trainable parameters and the ratio to the reference
 (LoRA r=16); the lr search; paired bootstrap 95% intervals over dev items (each item's
-correctness averaged over seeds first) of macro-average differences; loss curves, gate entropy
-and gate heatmaps; the commands, machines and wall time; the command that merges a committed
-adapter into a Hugging Face directory.
+correctness averaged over seeds first) of macro-average differences; the validation loss at
+the end of each run; loss curves, gate entropy and gate heatmaps; the commands, machines
+and wall time; the command that merges a committed adapter into a Hugging Face directory.
 
     python bench/results_report.py     # = experiment_commonsense.py --report-only
 """
@@ -156,6 +156,23 @@ def comparisons_table(p, results) -> tuple[str, dict]:
     return "\n".join(rows), out
 
 
+def val_loss_table(p, results) -> str:
+    """Validation loss (the held-out split of the training data) at the end of each main run:
+    the training objective, a finer signal than 200-item accuracies when methods are close."""
+    rows = ["| method | seeds | validation loss at the end (mean ± sd) | per seed |",
+            "| --- | --- | --- | --- |"]
+    for m in p["methods"]:
+        losses = [r["train"]["val_loss"] for r in _runs(results, m)
+                  if (r.get("train") or {}).get("val_loss") is not None]
+        if not losses:
+            continue
+        mean, sd = mean_sd(losses)
+        rows.append(f"| {m} | {len(losses)} | {mean:.4f}" + (f" ± {sd:.4f}" if sd is not None
+                                                               else "")
+                    + f" | {', '.join(f'{x:.4f}' for x in losses)} |")
+    return "\n".join(rows)
+
+
 def gate_table(p, results) -> str:
     rows = ["| method | gate entropy at the end (1 = uniform) | alpha range |",
             "| --- | --- | --- |"]
@@ -285,6 +302,7 @@ def write_report(p, search: dict, results: dict, chosen: dict, *, results_md: Pa
     if "generate" in ev["modes"]:
         lines += ["### Generated answers that parse (%, mean ± sd over seeds)", "",
                   parse_table(p, results), ""]
+    lines += ["### Validation loss", "", val_loss_table(p, results), ""]
     lines += ["### Paired bootstrap (macro average over tasks; items resampled within tasks, "
               f"{N_BOOT} resamples)", "", cmp_md, ""]
     if gated:

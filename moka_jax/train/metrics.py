@@ -89,27 +89,56 @@ def plot_loss(records: list[dict], out_png, title: str = "training loss") -> Pat
 
 
 def plot_losses(runs: dict[str, list[dict]], out_png, title: str = "training loss") -> Path:
-    """Several runs' train (and validation) losses on one plot, labelled by run name."""
+    """Several runs' train (and validation) losses, labelled by run name, in two panels: the
+    whole run on a log scale, and the run after its first fifth on a linear scale, with the
+    train loss smoothed, where differences of a few thousandths between runs become visible."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, records in runs.items():
+    fig, (full, tail) = plt.subplots(1, 2, figsize=(11, 4))
+    last = max((r["step"] for recs in runs.values() for r in recs), default=0)
+    start = last // 5
+    shown = []
+    for i, (name, records) in enumerate(runs.items()):
+        colour = f"C{i % 10}"
         for key, style in (("loss", "-"), ("val_loss", "o--")):
             pts = [(r["step"], r[key]) for r in records if key in r]
-            if pts:
-                label = key if not name else name if key == "loss" else f"{name} ({key})"
-                ax.plot(*zip(*pts), style, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
+            if not pts:
+                continue
+            label = key if not name else name if key == "loss" else f"{name} ({key})"
+            full.plot(*zip(*pts), style, color=colour, label=label, alpha=0.8 if key == "loss" else 1)
+            x, y = map(np.asarray, zip(*pts))
+            y = ema(y, 0.8) if key == "loss" else y
+            if (x >= start).any():
+                tail.plot(x[x >= start], y[x >= start], style, color=colour, label=label)
+                shown.append(y[x >= start])
+    full.set_yscale("log")
+    full.set_title(f"{title}: whole run (log scale)")
+    tail.set_title(f"after step {start} (train loss smoothed, EMA 0.8)")
+    if shown:
+        lo, hi = np.percentile(np.concatenate(shown), [1, 99])
+        pad = 0.1 * (hi - lo) or 0.01 * abs(hi) or 0.01
+        tail.set_ylim(lo - pad, hi + pad)
+    for ax in (full, tail):
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats / token)")
+        ax.grid(alpha=0.3, which="both")
+    if shown:
+        tail.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
     return Path(out_png)
+
+
+def ema(y, decay: float):
+    """Exponential moving average, bias-corrected (as TensorBoard's smoothing)."""
+    out, acc = np.empty(len(y)), 0.0
+    for i, v in enumerate(np.asarray(y, np.float64)):
+        acc = decay * acc + (1 - decay) * v
+        out[i] = acc / (1 - decay ** (i + 1))
+    return out
 
 
 def plot_gates(alphas: dict[str, np.ndarray], out_png, title: str = "MoKA gate weights") -> Path:

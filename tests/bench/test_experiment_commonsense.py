@@ -100,11 +100,14 @@ def test_sweep_end_to_end(sweep, capsys):
     assert text.startswith("# Results\n\nhand-written reading") and text.endswith("hand-written tail\n")
     assert "\nold\n" not in text
     for heading in ("lr search", "choice mode", "generate mode", "parse", "Paired bootstrap",
-                    "Gates", "Trained adapters", "Machine(s)"):
+                    "Validation loss", "Gates", "Trained adapters", "Machine(s)"):
         assert heading in text, heading
     n_moka, n_lora = (recs[m, 0]["train"]["trainable_params"] for m in ("moka", "lora-r16"))
     assert f"| moka | {n_moka:,} | {n_moka / n_lora:.3f} |" in text
     assert f"| lora-r16 | {n_lora:,} | 1.000 |" in text
+    vl = [recs["moka", s]["train"]["val_loss"] for s in (0, 1)]
+    assert (f"| moka | 2 | {np.mean(vl):.4f} ± {np.std(vl, ddof=1):.4f} | "
+            f"{vl[0]:.4f}, {vl[1]:.4f} |") in text
     flags = lambda m, mode: np.array([recs[m, s]["eval"][mode]["tasks"]["boolq"]["flags"]
                                       for s in (0, 1)], float)
     obs = (flags("moka", "choice").mean(0) - flags("lora-r16", "choice").mean(0)).mean()
