@@ -67,9 +67,9 @@ def mean_sd(values) -> tuple[float, float | None]:
     return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
 
 
-def _cell(values, scale: float = 100.0) -> str:
+def _cell(values, scale: float = 100.0, digits: int = 1) -> str:
     m, sd = mean_sd(values)
-    return f"{scale * m:.1f}" + (f" ± {scale * sd:.1f}" if sd is not None else "")
+    return f"{scale * m:.{digits}f}" + (f" ± {scale * sd:.{digits}f}" if sd is not None else "")
 
 
 # ----------------------------------------------------------------------------- tables
@@ -166,10 +166,8 @@ def val_loss_table(p, results) -> str:
                   if (r.get("train") or {}).get("val_loss") is not None]
         if not losses:
             continue
-        mean, sd = mean_sd(losses)
-        rows.append(f"| {m} | {len(losses)} | {mean:.4f}" + (f" ± {sd:.4f}" if sd is not None
-                                                               else "")
-                    + f" | {', '.join(f'{x:.4f}' for x in losses)} |")
+        rows.append(f"| {m} | {len(losses)} | {_cell(losses, 1.0, 4)} | "
+                    f"{', '.join(f'{x:.4f}' for x in losses)} |")
     return "\n".join(rows)
 
 
@@ -183,9 +181,7 @@ def gate_table(p, results) -> str:
         ent = [next((x["gate_entropy"] for x in reversed(r["train"]["metrics"])
                      if "gate_entropy" in x), np.nan) for r in runs]
         alphas = [a for r in runs for v in r["train"]["gates"].values() for a in v]
-        mean, sd = mean_sd(ent)
-        rows.append(f"| {m} | {mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
-                    + f" | [{min(alphas):.3f}, {max(alphas):.3f}] |")
+        rows.append(f"| {m} | {_cell(ent, 1.0, 4)} | [{min(alphas):.3f}, {max(alphas):.3f}] |")
     return "\n".join(rows)
 
 

@@ -110,9 +110,10 @@ def plot_losses(runs: dict[str, list[dict]], out_png, title: str = "training los
             full.plot(*zip(*pts), style, color=colour, label=label, alpha=0.8 if key == "loss" else 1)
             x, y = map(np.asarray, zip(*pts))
             y = ema(y, 0.8) if key == "loss" else y
-            if (x >= start).any():
-                tail.plot(x[x >= start], y[x >= start], style, color=colour, label=label)
-                shown.append(y[x >= start])
+            late = x >= start
+            if late.any():
+                tail.plot(x[late], y[late], style, color=colour, label=label)
+                shown.append(y[late])
     full.set_yscale("log")
     full.set_title(f"{title}: whole run (log scale)")
     tail.set_title(f"after step {start} (train loss smoothed, EMA 0.8)")
@@ -120,12 +121,11 @@ def plot_losses(runs: dict[str, list[dict]], out_png, title: str = "training los
         lo, hi = np.percentile(np.concatenate(shown), [1, 99])
         pad = 0.1 * (hi - lo) or 0.01 * abs(hi) or 0.01
         tail.set_ylim(lo - pad, hi + pad)
+        tail.legend(fontsize=7)
     for ax in (full, tail):
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats / token)")
         ax.grid(alpha=0.3, which="both")
-    if shown:
-        tail.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
