@@ -308,11 +308,11 @@ def _eval_model(cfg, adapter: Path | None):
 
 def _evaluate(p, mode, model, lconfig, tokenizer, cfg) -> dict:
     """{task: summary + per-item flags / predictions} of one mode, in the run's template."""
-    from moka_jax.eval import evaluate_tasks, load_tasks
+    from moka_jax.eval import evaluate_tasks
     from moka_jax.generate import eos_ids
 
     ev = p["eval"]
-    tasks = load_tasks(REPO / "data" / "commonsense", ev["tasks"], limit=ev["limit"])
+    tasks = dev_records(p)
     kw = {} if mode == "choice" else {"eos_token_ids": eos_ids(lconfig, tokenizer),
                                       "max_new_tokens": ev["max_new_tokens"]}
     t0 = time.perf_counter()
@@ -488,7 +488,15 @@ def write_report(p, search, results, chosen, args, argv, t0) -> dict:
     adapters = copy_adapters(results, Path(args.out), figures)
     return results_report.write_report(
         p, search, results, chosen, results_md=Path(args.results), figures=figures,
-        command=command_line(argv), wall_seconds=time.perf_counter() - t0, adapters=adapters)
+        command=command_line(argv), wall_seconds=time.perf_counter() - t0, adapters=adapters,
+        dev=dev_records(p))
+
+
+def dev_records(p) -> dict:
+    """{task: the dev records every unit is evaluated on} (the report's label-prior rows)."""
+    from moka_jax.eval import load_tasks
+
+    return load_tasks(REPO / "data" / "commonsense", p["eval"]["tasks"], limit=p["eval"]["limit"])
 
 
 def command_line(argv) -> str:

@@ -1,7 +1,8 @@
 """The generated section of RESULTS.md from a commonsense sweep (bench/experiment_commonsense.py).
 
 Per method and task: mean and spread (sample sd) over seeds in choice and generate mode, the
-share of generated answers that parse; trainable parameters and the ratio to the reference
+share of generated answers that parse; label priors (chance, the dev majority label, and how
+often each run gives its most common answer); trainable parameters and the ratio to the reference
 (LoRA r=16); the lr search; paired bootstrap 95% intervals over dev items (each item's
 correctness averaged over seeds first) of macro-average differences; the validation loss at
 the end of each run; loss curves, gate entropy and gate heatmaps; the commands, machines
@@ -171,6 +172,48 @@ def val_loss_table(p, results) -> str:
     return "\n".join(rows)
 
 
+def label_prior_table(p, results, dev: dict[str, list[dict]]) -> tuple[str, dict]:
+    """What answering without reading gives, beside how constant each method's answers are.
+
+    Two reference rows per task: chance (uniform over each item's offered answers) and always
+    answering the dev set's most common label (an oracle: it reads the dev labels). Then, per
+    method in choice mode, the share of items given that run's most common answer (mean over
+    seeds): 100 means one answer for every question of the task.
+    """
+    from collections import Counter
+
+    from moka_jax.eval.commonsense import candidates
+
+    tasks = p["eval"]["tasks"]
+    chance = {t: float(np.mean([1 / len(candidates(t, r)) for r in dev[t]])) for t in tasks}
+    majority = {t: Counter(r["answer"] for r in dev[t]).most_common(1)[0] for t in tasks}
+    major_acc = {t: n / len(dev[t]) for t, (_, n) in majority.items()}
+    head = ["row"] + [SHORT.get(t, t) for t in tasks] + ["avg"]
+    rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head),
+            "| chance (uniform over the offered answers): accuracy | "
+            + " | ".join(f"{100 * chance[t]:.1f}" for t in tasks)
+            + f" | {100 * np.mean(list(chance.values())):.1f} |",
+            "| always the dev set's most common label (reads the dev labels): accuracy | "
+            + " | ".join(f"{100 * major_acc[t]:.1f} ({majority[t][0]})" for t in tasks)
+            + f" | **{100 * np.mean(list(major_acc.values())):.1f}** |"]
+    spread = {}
+    for m in p["methods"]:
+        runs = [r for r in _runs(results, m) if (r.get("eval") or {}).get("choice")]
+        if not runs:
+            continue
+        share = lambda r, t: (Counter(r["eval"]["choice"]["tasks"][t]["preds"]).most_common(1)[0][1]
+                              / len(r["eval"]["choice"]["tasks"][t]["preds"]))
+        per_run = [[share(r, t) for t in tasks] for r in runs]
+        spread[m] = float(np.mean(per_run))
+        rows.append(f"| {m}: items given its most common answer | "
+                    + " | ".join(_cell([x[i] for x in per_run]) for i in range(len(tasks)))
+                    + f" | {_cell([np.mean(x) for x in per_run])} |")
+    summary = {"chance": float(np.mean(list(chance.values()))),
+               "dev_majority_label": float(np.mean(list(major_acc.values()))),
+               "most_common_answer_share": spread}
+    return "\n".join(rows), summary
+
+
 def gate_table(p, results) -> str:
     rows = ["| method | gate entropy at the end (1 = uniform) | alpha range |",
             "| --- | --- | --- |"]
@@ -243,9 +286,11 @@ def merge_command(p, adapter: str) -> str:
 
 
 def write_report(p, search: dict, results: dict, chosen: dict, *, results_md: Path,
-                 figures: Path, command: str, wall_seconds: float, adapters: dict) -> dict:
+                 figures: Path, command: str, wall_seconds: float, adapters: dict,
+                 dev: dict[str, list[dict]] | None = None) -> dict:
     """Write the generated block of results_md (hand-written text around it is kept) and the
-    figures; returns the headline figures (and "table", the choice table, for stdout)."""
+    figures; returns the headline figures (and "table", the choice table, for stdout). `dev`
+    ({task: the evaluated dev records}) adds the label-prior section."""
     from moka_jax.train.metrics import plot_gates, plot_losses
 
     figures.mkdir(parents=True, exist_ok=True)
@@ -298,6 +343,10 @@ def write_report(p, search: dict, results: dict, chosen: dict, *, results_md: Pa
     if "generate" in ev["modes"]:
         lines += ["### Generated answers that parse (%, mean ± sd over seeds)", "",
                   parse_table(p, results), ""]
+    if dev and "choice" in ev["modes"]:
+        prior_md, out["label_priors"] = label_prior_table(p, results, dev)
+        lines += ["### Label priors: answering without reading, and how constant the answers "
+                  "are (choice mode, %)", "", prior_md, ""]
     lines += ["### Validation loss", "", val_loss_table(p, results), ""]
     lines += ["### Paired bootstrap (macro average over tasks; items resampled within tasks, "
               f"{N_BOOT} resamples)", "", cmp_md, ""]

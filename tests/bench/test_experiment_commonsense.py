@@ -100,8 +100,16 @@ def test_sweep_end_to_end(sweep, capsys):
     assert text.startswith("# Results\n\nhand-written reading") and text.endswith("hand-written tail\n")
     assert "\nold\n" not in text
     for heading in ("lr search", "choice mode", "generate mode", "parse", "Paired bootstrap",
-                    "Validation loss", "Gates", "Trained adapters", "Machine(s)"):
+                    "Validation loss", "Gates", "Trained adapters", "Machine(s)", "Label priors"):
         assert heading in text, heading
+    # label priors from the dev records the units were evaluated on (boolq: 3 items)
+    gold = [r["answer"] for r in json.loads((REPO / "data" / "commonsense" / "boolq" / "dev.json")
+                                             .read_text())[:3]]
+    top = max(set(gold), key=gold.count)
+    assert f"| {100 * gold.count(top) / 3:.1f} ({top}) |" in text
+    preds = recs["base", 0]["eval"]["choice"]["tasks"]["boolq"]["preds"]
+    share = max(preds.count(x) for x in preds) / 3
+    assert out["label_priors"]["most_common_answer_share"]["base"] == pytest.approx(share)
     n_moka, n_lora = (recs[m, 0]["train"]["trainable_params"] for m in ("moka", "lora-r16"))
     assert f"| moka | {n_moka:,} | {n_moka / n_lora:.3f} |" in text
     assert f"| lora-r16 | {n_lora:,} | 1.000 |" in text
