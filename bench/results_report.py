@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +173,12 @@ def val_loss_table(p, results) -> str:
     return "\n".join(rows)
 
 
+def most_common(values) -> tuple[str, float]:
+    """(the most common value, its share of all values); ties go to the first seen."""
+    value, n = Counter(values).most_common(1)[0]
+    return value, n / len(values)
+
+
 def label_prior_table(p, results, dev: dict[str, list[dict]]) -> tuple[str, dict]:
     """What answering without reading gives, beside how constant each method's answers are.
 
@@ -180,36 +187,30 @@ def label_prior_table(p, results, dev: dict[str, list[dict]]) -> tuple[str, dict
     method in choice mode, the share of items given that run's most common answer (mean over
     seeds): 100 means one answer for every question of the task.
     """
-    from collections import Counter
-
     from moka_jax.eval.commonsense import candidates
 
     tasks = p["eval"]["tasks"]
-    chance = {t: float(np.mean([1 / len(candidates(t, r)) for r in dev[t]])) for t in tasks}
-    majority = {t: Counter(r["answer"] for r in dev[t]).most_common(1)[0] for t in tasks}
-    major_acc = {t: n / len(dev[t]) for t, (_, n) in majority.items()}
+    chance = [np.mean([1 / len(candidates(t, r)) for r in dev[t]]) for t in tasks]
+    majority = [most_common([r["answer"] for r in dev[t]]) for t in tasks]
     head = ["row"] + [SHORT.get(t, t) for t in tasks] + ["avg"]
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head),
             "| chance (uniform over the offered answers): accuracy | "
-            + " | ".join(f"{100 * chance[t]:.1f}" for t in tasks)
-            + f" | {100 * np.mean(list(chance.values())):.1f} |",
+            + " | ".join(f"{100 * c:.1f}" for c in chance) + f" | {100 * np.mean(chance):.1f} |",
             "| always the dev set's most common label (reads the dev labels): accuracy | "
-            + " | ".join(f"{100 * major_acc[t]:.1f} ({majority[t][0]})" for t in tasks)
-            + f" | **{100 * np.mean(list(major_acc.values())):.1f}** |"]
+            + " | ".join(f"{100 * share:.1f} ({label})" for label, share in majority)
+            + f" | **{100 * np.mean([share for _, share in majority]):.1f}** |"]
     spread = {}
     for m in p["methods"]:
         runs = [r for r in _runs(results, m) if (r.get("eval") or {}).get("choice")]
         if not runs:
             continue
-        share = lambda r, t: (Counter(r["eval"]["choice"]["tasks"][t]["preds"]).most_common(1)[0][1]
-                              / len(r["eval"]["choice"]["tasks"][t]["preds"]))
-        per_run = [[share(r, t) for t in tasks] for r in runs]
-        spread[m] = float(np.mean(per_run))
+        shares = np.array([[most_common(r["eval"]["choice"]["tasks"][t]["preds"])[1]
+                            for t in tasks] for r in runs])  # (seeds, tasks)
+        spread[m] = float(shares.mean())
         rows.append(f"| {m}: items given its most common answer | "
-                    + " | ".join(_cell([x[i] for x in per_run]) for i in range(len(tasks)))
-                    + f" | {_cell([np.mean(x) for x in per_run])} |")
-    summary = {"chance": float(np.mean(list(chance.values()))),
-               "dev_majority_label": float(np.mean(list(major_acc.values()))),
+                    + " | ".join(_cell(col) for col in shares.T) + f" | {_cell(shares.mean(1))} |")
+    summary = {"chance": float(np.mean(chance)),
+               "dev_majority_label": float(np.mean([share for _, share in majority])),
                "most_common_answer_share": spread}
     return "\n".join(rows), summary
 
@@ -287,10 +288,10 @@ def merge_command(p, adapter: str) -> str:
 
 def write_report(p, search: dict, results: dict, chosen: dict, *, results_md: Path,
                  figures: Path, command: str, wall_seconds: float, adapters: dict,
-                 dev: dict[str, list[dict]] | None = None) -> dict:
+                 dev: dict[str, list[dict]]) -> dict:
     """Write the generated block of results_md (hand-written text around it is kept) and the
-    figures; returns the headline figures (and "table", the choice table, for stdout). `dev`
-    ({task: the evaluated dev records}) adds the label-prior section."""
+    figures; returns the headline figures (and "table", the choice table, for stdout). `dev`:
+    {task: the evaluated dev records}, for the label-prior section."""
     from moka_jax.train.metrics import plot_gates, plot_losses
 
     figures.mkdir(parents=True, exist_ok=True)
@@ -343,7 +344,7 @@ def write_report(p, search: dict, results: dict, chosen: dict, *, results_md: Pa
     if "generate" in ev["modes"]:
         lines += ["### Generated answers that parse (%, mean ± sd over seeds)", "",
                   parse_table(p, results), ""]
-    if dev and "choice" in ev["modes"]:
+    if "choice" in ev["modes"]:
         prior_md, out["label_priors"] = label_prior_table(p, results, dev)
         lines += ["### Label priors: answering without reading, and how constant the answers "
                   "are (choice mode, %)", "", prior_md, ""]

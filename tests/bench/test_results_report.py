@@ -34,7 +34,7 @@ def test_reference_rows_and_answer_shares():
     md, s = results_report.label_prior_table(P, RESULTS, DEV)
     chance_arc = (1 / 3 + 1 / 4 + 1 / 5 + 1 / 4) / 4
     assert s["chance"] == pytest.approx((0.5 + chance_arc) / 2)
-    # boolq: "true" 3 of 4; ARC: "answer2" 2 of 4 (ties go to the first seen, as Counter does)
+    # boolq: "true" 3 of 4; ARC: "answer2" 2 of 4
     assert s["dev_majority_label"] == pytest.approx((0.75 + 0.5) / 2)
     assert "| 75.0 (true) | 50.0 (answer2) | **62.5** |" in md
     # base answers one thing everywhere; lora-r16's seeds: boolq 3/4 and 4/4, ARC 1/4 and 2/4
@@ -42,3 +42,8 @@ def test_reference_rows_and_answer_shares():
         "base": pytest.approx(1.0), "lora-r16": pytest.approx((0.875 + 0.375) / 2)}
     assert "| lora-r16: items given its most common answer | 87.5 ± 17.7 | 37.5 ± 17.7 |" in md
     assert "moka" not in md  # no evaluated run, no row
+
+
+def test_most_common_counts_shares_and_breaks_ties_by_first_seen():
+    assert results_report.most_common(["b", "a", "a", "b", "c"]) == ("b", pytest.approx(0.4))
+    assert results_report.most_common(["x"] * 3) == ("x", 1.0)
