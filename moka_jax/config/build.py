@@ -1,5 +1,6 @@
-"""A plain dict to the Config tree and back: types converted, unknown keys named with a
-suggestion, domains checked, every error naming the dotted key and the file it came from."""
+"""A plain dict (from YAML, overrides or the Python API) to the Config tree: types converted,
+unknown keys named with a suggestion, domains checked, every error naming the dotted key and
+the file it came from."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import typing
 
 from moka_jax import domains
 from moka_jax.adapters import ADAPTER_CONFIGS, adapter_config_from_dict
-
 from moka_jax.config.checks import _check
 from moka_jax.config.schema import DEFAULT_TARGETS, AdapterSection, Config, DataFile, _is_dataset
 from moka_jax.config.sources import ConfigError, _error, _Sources

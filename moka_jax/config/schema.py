@@ -1,5 +1,5 @@
-"""The configuration tree: one dataclass per section, each field with its domain, and the
-constants the sections share."""
+"""The configuration tree: one dataclass per section, each field with its domain; the constants
+the sections share; the tree back to a plain dict (Config.to_dict)."""
 
 from __future__ import annotations
 
