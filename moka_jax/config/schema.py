@@ -11,9 +11,9 @@ from pathlib import Path
 
 from moka_jax.adapters import MoKAConfig
 from moka_jax.domains import BETA, COUNT, FRACTION, NON_NEGATIVE, POSITIVE, domain
+from moka_jax.nn import DEFAULT_TARGETS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_TARGETS = r"(q_proj|v_proj)$"
 MODEL_KEYWORDS = ("smollm2", "random")      # model.path values that are not directories
 TOKENIZER_KEYWORDS = ("smollm2", "bytes")   # model.tokenizer values that are not directories
 BYTE_VOCAB_SIZE = 259                       # 256 bytes + <pad>, <s>, </s> (data.byte_tokenizer)
