@@ -5,10 +5,11 @@ from moka_jax.eval.commonsense import (TASKS, average, evaluate_choice, evaluate
                                        score_continuations)
 from moka_jax.eval.loading import AdapterMismatch, attach_exported_adapter, load_eval_model
 from moka_jax.eval.mmlu import evaluate_mmlu, mmlu_table
-from moka_jax.eval.perplexity import perplexity
+from moka_jax.eval.perplexity import perplexity, response_nll, response_scores
 
 __all__ = [
     "AdapterMismatch", "TASKS", "attach_exported_adapter", "average", "evaluate_choice",
     "evaluate_generate", "evaluate_mmlu", "evaluate_tasks", "extract_answer", "load_eval_model",
-    "load_tasks", "mmlu_table", "perplexity", "results_table", "score_continuations",
+    "load_tasks", "mmlu_table", "perplexity", "response_nll", "response_scores", "results_table",
+    "score_continuations",
 ]
