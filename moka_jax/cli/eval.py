@@ -29,12 +29,13 @@ from moka_jax.config import REPO_ROOT as REPO
 
 
 def parse_args(argv=None):
-    from moka_jax.domains import COUNT, NON_NEGATIVE, arg
+    from moka_jax.support.domains import COUNT, NON_NEGATIVE, arg
     from moka_jax.eval.commonsense import PROMPT_TEMPLATES, TASKS
 
     ap = argparse.ArgumentParser(prog="moka-eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2", help="smollm2 | HF directory")
+    ap.add_argument("--model", default="smollm2",
+                    help="smollm2 | HF directory | converted directory | random")
     ap.add_argument("--quant", default="none", choices=("nf4", "int4", "none"),
                     help="base weights (default none: on CPU 4-bit matmuls are much slower)")
     ap.add_argument("--adapter", default=None, help="adapter directory (moka-jax, orbax or "
@@ -78,10 +79,14 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
+    import jax.numpy as jnp
+
+    from moka_jax.api import load
+    from moka_jax.cli.errors import user_errors
     from moka_jax.eval import commonsense as cs
-    from moka_jax.eval.loading import load_eval_model
-    from moka_jax.outputs import check_output_file, write_file_atomic
-    from moka_jax.validate import user_errors
+    from moka_jax.models.source import resolve
+    from moka_jax.support.files import check_tokenizer_dir
+    from moka_jax.support.outputs import check_output_file, write_file_atomic
 
     try:
         tasks = None
@@ -95,8 +100,13 @@ def main(argv=None) -> int:
             load_records(args.perplexity, "alpaca", args.limit)
         elif not args.mmlu:
             tasks = cs.load_tasks(args.data_dir, args.tasks, args.limit)
+        source = resolve(args.model)
+        if source.path is not None:
+            check_tokenizer_dir(source.path)  # before the weights, not after them
         t0 = time.perf_counter()
-        model, config, tok = load_eval_model(args.model, args.quant, args.adapter, seed=args.seed)
+        model, tok = load(args.model, args.adapter, quant=args.quant, dtype=jnp.float32,
+                          seed=args.seed, progress=True)
+        config = model.config
         args.template = args.template or training_template(args.adapter)
         report = run(args, model, config, tok, tasks)
     except (*user_errors(), ValueError, FileNotFoundError) as e:
@@ -113,7 +123,7 @@ def main(argv=None) -> int:
 def training_template(adapter) -> str:
     """The data.template an exported adapter was trained with (alpaca when unrecorded)."""
     from moka_jax.eval.commonsense import DEFAULT_TEMPLATE
-    from moka_jax.train.checkpoint import read_adapter_meta
+    from moka_jax.io.adapter_format import read_adapter_meta
 
     if adapter is None:
         return DEFAULT_TEMPLATE
@@ -137,7 +147,7 @@ def run(args, model, config, tok, tasks) -> dict:
                           max_len=config.max_position_embeddings)
         print(mmlu_table(r))
         return {"mode": "mmlu", **r}
-    from moka_jax.generate import eos_ids
+    from moka_jax.eval.generate import eos_ids
     template = args.template or cs.DEFAULT_TEMPLATE
     kw = {} if args.mode == "choice" else {"eos_token_ids": eos_ids(config, tok),
                                            "max_new_tokens": args.max_new_tokens,

@@ -1,14 +1,14 @@
-"""Evaluation: commonsense reasoning (generate / choice), response perplexity, MMLU k-shot."""
+"""Evaluation of a loaded model (moka_jax.load): commonsense reasoning (generate / choice),
+response perplexity, MMLU k-shot, text generation, and the lm-evaluation-harness model."""
 
 from moka_jax.eval.commonsense import (TASKS, average, evaluate_choice, evaluate_generate,
                                        evaluate_tasks, extract_answer, load_tasks, results_table,
                                        score_continuations)
-from moka_jax.eval.loading import AdapterMismatch, attach_exported_adapter, load_eval_model
 from moka_jax.eval.mmlu import evaluate_mmlu, mmlu_table
 from moka_jax.eval.perplexity import perplexity
 
 __all__ = [
-    "AdapterMismatch", "TASKS", "attach_exported_adapter", "average", "evaluate_choice",
-    "evaluate_generate", "evaluate_mmlu", "evaluate_tasks", "extract_answer", "load_eval_model",
-    "load_tasks", "mmlu_table", "perplexity", "results_table", "score_continuations",
+    "TASKS", "average", "evaluate_choice", "evaluate_generate", "evaluate_mmlu",
+    "evaluate_tasks", "extract_answer", "load_tasks", "mmlu_table", "perplexity",
+    "results_table", "score_continuations",
 ]
