@@ -102,8 +102,10 @@ class DataConfig:
     format: str = field(default="auto", metadata=_choices("auto", "alpaca", "commonsense"))
     fields: DataFields = field(default_factory=DataFields)
     # alpaca: tloen/alpaca-lora's text; llm-adapters: LLM-Adapters' finetune.py string byte for
-    # byte (16-space indents, trailing spaces); chat: the tokenizer's chat template
-    template: str = field(default="alpaca", metadata=_choices("alpaca", "llm-adapters", "chat"))
+    # byte (16-space indents, trailing spaces); chat: the tokenizer's chat template; plain:
+    # the instruction (and input) as they are, the response straight after (completion data)
+    template: str = field(default="alpaca", metadata=_choices("alpaca", "llm-adapters", "chat",
+                                                              "plain"))
     train_on_inputs: bool = False
     add_eos: bool = True
     cutoff_len: int = field(default=256, metadata=domain(COUNT))

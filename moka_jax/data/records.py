@@ -47,7 +47,7 @@ LLM_ADAPTERS_PROMPT_NO_INPUT = (
     f"{_IND}### Instruction:\n{_IND}{{instruction}}\n{_IND}\n"
     f"{_IND}### Response:\n{_IND}")
 
-TEMPLATES = ("alpaca", "llm-adapters", "chat")
+TEMPLATES = ("alpaca", "llm-adapters", "chat", "plain")
 FIELDS = {"alpaca": ("instruction", "output"), "commonsense": ("instruction", "output", "answer")}
 
 
@@ -59,7 +59,12 @@ class DataError(ValueError):
 
 
 def alpaca_prompt(instruction: str, input: str = "", template: str = "alpaca") -> str:
-    """The prompt (everything before the response) of the Alpaca / LLM-Adapters template."""
+    """The prompt (everything before the response) of a text template: Alpaca, LLM-Adapters,
+    or "plain" (the instruction itself, then the input on the next line): completion-style
+    data such as key -> value pairs, where a 30-token instruction header would be most of
+    every example's tokens."""
+    if template == "plain":
+        return f"{instruction}\n{input}" if input else instruction
     if template == "alpaca":
         fmt = ALPACA_PROMPT_INPUT if input else ALPACA_PROMPT_NO_INPUT
     elif template == "llm-adapters":

@@ -5,10 +5,10 @@ from moka_jax.eval.commonsense import (TASKS, average, evaluate_choice, evaluate
                                        evaluate_tasks, extract_answer, load_tasks, results_table,
                                        score_continuations)
 from moka_jax.eval.mmlu import evaluate_mmlu, mmlu_table
-from moka_jax.eval.perplexity import perplexity
+from moka_jax.eval.perplexity import perplexity, response_nll, response_scores
 
 __all__ = [
     "TASKS", "average", "evaluate_choice", "evaluate_generate", "evaluate_mmlu",
     "evaluate_tasks", "extract_answer", "load_tasks", "mmlu_table", "perplexity",
-    "results_table", "score_continuations",
+    "response_nll", "response_scores", "results_table", "score_continuations",
 ]

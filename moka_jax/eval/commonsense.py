@@ -71,7 +71,7 @@ EVAL_PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request. \n\n"
     f"{_IND}### Instruction:\n{_IND}{{instruction}}\n\n{_IND}### Response:\n{_IND}")
-PROMPT_TEMPLATES = ("alpaca", "llm-adapters", "chat", "llm-adapters-eval")
+PROMPT_TEMPLATES = ("alpaca", "llm-adapters", "chat", "plain", "llm-adapters-eval")
 DEFAULT_TEMPLATE = "alpaca"  # data.template's default: evaluate as the default run trains
 
 

@@ -15,21 +15,31 @@ from moka_jax.data import IGNORE, load_records, pad_id, tokenize
 
 @partial(jax.jit, static_argnames=("graphdef",))
 def _nll_sums(graphdef, state, ids_BT, mask_BT, labels_BT):
-    """(B,) summed NLL and (B,) token counts over labelled positions (HF shift convention)."""
+    """(B,) summed NLL, (B,) token counts and (B,) count of labelled tokens that are the
+    argmax of their prediction, over labelled positions (HF shift convention)."""
     model = nnx.merge(graphdef, state)
-    logp_BTV = jax.nn.log_softmax(model(ids_BT, mask_BT)[:, :-1])
+    logits_BTV = model(ids_BT, mask_BT)[:, :-1]
+    logp_BTV = jax.nn.log_softmax(logits_BTV)
     tgt_BT = labels_BT[:, 1:]
     valid_BT = tgt_BT != IGNORE
-    lp_BT = jnp.take_along_axis(logp_BTV, jnp.where(valid_BT, tgt_BT, 0)[..., None], -1)[..., 0]
-    return -jnp.sum(jnp.where(valid_BT, lp_BT, 0.0), -1), jnp.sum(valid_BT, -1)
+    safe_BT = jnp.where(valid_BT, tgt_BT, 0)
+    lp_BT = jnp.take_along_axis(logp_BTV, safe_BT[..., None], -1)[..., 0]
+    top_BT = jnp.argmax(logits_BTV, -1) == safe_BT
+    return (-jnp.sum(jnp.where(valid_BT, lp_BT, 0.0), -1), jnp.sum(valid_BT, -1),
+            jnp.sum(valid_BT & top_BT, -1))
 
 
-def response_nll(model, input_ids: list, labels: list, *, pad: int = 0, batch_size: int = 8,
-                 multiple: int = 32, progress: str | None = None) -> tuple[float, int]:
-    """(total NLL, token count) of the labelled tokens; right padding, lengths rounded up."""
+def response_scores(model, input_ids: list, labels: list, *, pad: int = 0, batch_size: int = 8,
+                    multiple: int = 32, progress: str | None = None) -> dict[str, np.ndarray]:
+    """Per example: "nll" (summed over its labelled tokens, float64), "tokens" (how many) and
+    "greedy" (True when every labelled token is the argmax of its prediction given the tokens
+    before it: greedy decoding from the prompt reproduces the labelled response exactly, ties
+    aside). Right padding, lengths rounded up to `multiple` so few shapes compile."""
     graphdef, state = nnx.split(model)
     order = np.argsort([len(x) for x in input_ids], kind="stable")
-    total, count = 0.0, 0
+    nll = np.zeros(len(input_ids), np.float64)
+    tokens = np.zeros(len(input_ids), np.int64)
+    hits = np.zeros(len(input_ids), np.int64)
     for s in tqdm(range(0, len(order), batch_size), desc=progress, disable=progress is None,
                   dynamic_ncols=True):
         idx = order[s:s + batch_size]
@@ -40,10 +50,17 @@ def response_nll(model, input_ids: list, labels: list, *, pad: int = 0, batch_si
         for r, i in enumerate(idx):
             n = len(input_ids[i])
             ids[r, :n], mask[r, :n], lab[r, :n] = input_ids[i], True, labels[i]
-        nll, cnt = _nll_sums(graphdef, state, ids, mask, lab)
-        total += float(np.sum(np.asarray(nll, np.float64)))
-        count += int(np.sum(cnt))
-    return total, count
+        out = [np.asarray(x) for x in _nll_sums(graphdef, state, ids, mask, lab)]
+        nll[idx], tokens[idx], hits[idx] = out[0][:len(idx)], out[1][:len(idx)], out[2][:len(idx)]
+    return {"nll": nll, "tokens": tokens, "greedy": (hits == tokens) & (tokens > 0)}
+
+
+def response_nll(model, input_ids: list, labels: list, *, pad: int = 0, batch_size: int = 8,
+                 multiple: int = 32, progress: str | None = None) -> tuple[float, int]:
+    """(total NLL, token count) of the labelled tokens; right padding, lengths rounded up."""
+    s = response_scores(model, input_ids, labels, pad=pad, batch_size=batch_size,
+                        multiple=multiple, progress=progress)
+    return float(s["nll"].sum()), int(s["tokens"].sum())
 
 
 def perplexity(model, tokenizer, path, *, template: str = "alpaca", cutoff_len: int = 512,

@@ -38,3 +38,30 @@ def test_wrong_format_names_file_and_field(tmp_path):
     path.write_text(json.dumps([{"instruction": "q", "response": "r"}]))
     with pytest.raises(DataError, match=r"bad\.json: record 0: missing field 'output'"):
         perplexity(tiny_model(), byte_tokenizer(), path, progress=False)
+
+
+def test_response_scores_per_example_and_greedy_flag_matches_greedy_decoding():
+    """Per-example NLL equals the hand sum; "greedy" is True exactly when greedy decoding
+    from the prompt reproduces the response (checked against moka_jax.eval.generate)."""
+    from moka_jax.eval.perplexity import response_scores
+    from moka_jax.eval.generate import generate
+
+    model = tiny_model()
+    prompts = [[1, 70, 71, 72], [1, 80, 81], [1, 90, 91, 92, 93, 94]]
+    new = np.asarray(generate(model, np.array([[0] * (6 - len(p)) + p for p in prompts]),
+                              np.array([[0] * (6 - len(p)) + [1] * len(p) for p in prompts]),
+                              max_new_tokens=5))
+    ids, labels = [], []
+    for k, (p, g) in enumerate(zip(prompts, new)):
+        resp = [int(t) for t in g]
+        if k == 1:  # a response greedy decoding does not give: its last token changed
+            resp[-1] = (resp[-1] + 1) % 200 + 3
+        ids.append(np.array(p + resp, np.int32))
+        labels.append(np.array([IGNORE] * len(p) + resp, np.int32))
+    got = response_scores(model, ids, labels, batch_size=2)
+    assert got["greedy"].tolist() == [True, False, True]
+    assert got["tokens"].tolist() == [5, 5, 5]
+    for k, lp in enumerate(ref_logprobs(model, [list(x) for x in ids])):
+        want = -sum(lp[t - 1, labels[k][t]] for t in range(1, len(ids[k]))
+                    if labels[k][t] != IGNORE)
+        np.testing.assert_allclose(got["nll"][k], want, rtol=1e-5)
