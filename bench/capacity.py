@@ -1,0 +1,378 @@
+"""Does MoKA beat LoRA per trainable parameter where adapter capacity binds? (issue 21)
+
+The protocol is configs/capacity/protocol.yaml: three budgets (LoRA r = 1 / 4 / 16 on q/v of
+SmolLM2-135M-Instruct, nf4), every method sized to each, the same lr search, two seeds, and
+    E1  memorise N random key -> value pairs: greedy recall, value NLL, bits stored;
+    E2  GSM8K: held-out response NLL and forgetting (NLL change on Dolly responses).
+
+    python bench/capacity.py                    # run every unit left (resumes), then the report
+    python bench/capacity.py --only e1          # one experiment
+    python bench/capacity.py --status           # units done / left, compute spent and left
+    python bench/capacity.py --report-only      # RESULTS.md section + plots from saved units
+    python bench/capacity.py --pilot e1 --methods lora --budgets r1 r16 --set e1.pairs=512
+
+Every unit (experiment, phase, method, budget, seed, lr) has a directory under --out holding
+its config, training curve and result.json (committed, so the suite resumes in a fresh clone);
+a unit runs in its own processes (train.py, then this file as the evaluating worker), and a
+killed unit resumes from its trainer checkpoint (git-ignored). Units only ever add: a protocol
+whose experiment settings changed is refused (pass another --out). Last stdout line: one JSON
+object (see report()).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from capacity_plan import (CONFIGS, REPO, Unit, adapter_section, all_units,  # noqa: E402
+                           budget_params, load_protocol, read_result, status, write_json)
+import capacity_report  # noqa: E402
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--protocol", default=str(CONFIGS / "protocol.yaml"))
+    ap.add_argument("--out", default=str(REPO / "results" / "capacity"))
+    ap.add_argument("--results", default=str(REPO / "RESULTS.md"))
+    ap.add_argument("--only", nargs="+", default=None, help="experiments to run (e1 e2)")
+    ap.add_argument("--status", action="store_true", help="list units; run nothing")
+    ap.add_argument("--report-only", action="store_true", help="report from saved units")
+    ap.add_argument("--pilot", default=None, metavar="EXP",
+                    help="sizing runs under OUT/pilot: --methods x --budgets at --lr, seed 0")
+    ap.add_argument("--methods", nargs="+", default=None)
+    ap.add_argument("--budgets", nargs="+", default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="EXP.KEY=VALUE",
+                    help="override an experiment setting (pilot sizing), e.g. e1.pairs=512")
+    ap.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra train.py --set for every unit (tests: model.path=random ...)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="train and evaluate in this process (tests; SmolLM2 wants a process each)")
+    ap.add_argument("--unit", default=None, help=argparse.SUPPRESS)  # worker: unit directory
+    return ap.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def e1_pairs(p: dict, seed: int) -> list[dict]:
+    """N distinct random keys, each with a random value, from numpy's seeded PCG64."""
+    e = p["e1"]
+    rng = np.random.default_rng(1000 + seed)
+    letters = np.array(list(ALPHABET))
+    keys, out = set(), []
+    while len(out) < e["pairs"]:
+        key = "".join(rng.choice(letters, e["key_len"]))
+        if key in keys:
+            continue
+        keys.add(key)
+        out.append({"instruction": f"{key}:", "input": "",
+                    "output": " " + "".join(rng.choice(letters, e["value_len"]))})
+    return out
+
+
+def e1_data_file(p: dict, out: Path, seed: int) -> Path:
+    e = p["e1"]
+    path = out / "e1" / "data" / f"pairs-n{e['pairs']}-k{e['key_len']}-v{e['value_len']}-s{seed}.json"
+    if not path.exists():
+        write_json(path, e1_pairs(p, seed))
+    return path
+
+
+def e2_splits(p: dict, out: Path) -> dict[str, Path]:
+    """GSM8K shuffled once (seed 0): held-out, validation, then the training pool; Dolly
+    open-QA's first `forgetting` records (after a seeded shuffle) as the general-text sample."""
+    e = p["e2"]
+    root = out / "e2" / "data"
+    names = {"heldout": root / "gsm8k-heldout.json", "val": root / "gsm8k-val.json",
+             "train": root / "gsm8k-train.json", "general": root / "dolly-general.json"}
+    if not all(f.exists() for f in names.values()):
+        gsm = json.loads((REPO / "data/instruct/gsm8k/train.json").read_text())
+        order = np.random.default_rng(0).permutation(len(gsm))
+        gsm = [gsm[i] for i in order]
+        h, v = e["heldout"], e["val"]
+        write_json(names["heldout"], gsm[:h])
+        write_json(names["val"], gsm[h:h + v])
+        write_json(names["train"], gsm[h + v:])
+        dolly = json.loads((REPO / "data/instruct/dolly_open_qa/train.json").read_text())
+        order = np.random.default_rng(0).permutation(len(dolly))
+        write_json(names["general"], [dolly[i] for i in order[:e["forgetting"]]])
+    return names
+
+
+# ----------------------------------------------------------------------------- one unit
+
+
+def unit_config(p: dict, out: Path, u: Unit) -> tuple[str, int]:
+    """The unit's train.py config (YAML text, inheriting the experiment's) and its count."""
+    import yaml
+
+    d = out / u.rel
+    sec, n_params = adapter_section(p, u.method, u.budget)
+    base = Path(PROTOCOL_PATH).parent / p[u.exp]["config"]
+    if u.exp == "e1":
+        data = e1_data_file(p, out, u.seed)
+        # steps for `epochs` passes: the data's tokens over a step's row capacity (first-fit
+        # packing fills rows of 128 with ~11-token pairs to about 95%)
+        from moka_jax.data import load_tokenizer, tokenize
+
+        tok = load_tokenizer(_train_set("model.tokenizer") or "smollm2")
+        ids, _ = tokenize(json.loads(data.read_text()), tok, template="plain",
+                          cutoff_len=_cutoff(p, "e1"))
+        tokens = sum(len(x) for x in ids)
+        base_cfg = yaml.safe_load(base.read_text())
+        row_tokens = base_cfg["train"]["batch_size"] * base_cfg["data"]["buckets"][-1]
+        steps = max(1, math.ceil(p["e1"]["epochs"] * tokens / (row_tokens * 0.95)))
+        train_files = [{"path": str(data)}]
+    else:
+        names = e2_splits(p, out)
+        steps = p["e2"]["steps"]
+        train_files = [{"path": str(names["train"]), "limit": p["e2"].get("train_limit")}]
+    spec = p["methods"][u.method]
+    cfg = {"inherit": os.path.relpath(base, d), "name": u.rel.replace("/", "_"),
+           "adapter": sec,
+           "data": {"train": [{k: os.path.relpath(v, REPO) if k == "path" else v
+                               for k, v in f.items() if v is not None} for f in train_files],
+                    "seed": 100 + u.seed},
+           "train": {"lr": u.lr, "seed": u.seed, "steps": steps,
+                     "warmup_steps": max(1, steps // 20),
+                     "gate_lr_mult": float(spec.get("gate_lr_mult", 1.0)),
+                     "out_dir": os.path.relpath(d / "run", REPO)}}
+    return yaml.safe_dump(cfg, sort_keys=False), n_params
+
+
+def run_unit(p: dict, out: Path, u: Unit) -> dict:
+    """Train (own process; resumes) then evaluate (own process); returns result.json."""
+    rec = read_result(out, u)
+    if rec is not None:
+        return rec
+    d = out / u.rel
+    d.mkdir(parents=True, exist_ok=True)
+    text, n_params = unit_config(p, out, u)
+    cfg_path = d / "config.yaml"
+    if cfg_path.exists() and cfg_path.read_text() != text:
+        raise SystemExit(f"{cfg_path} was written by another protocol; pass another --out")
+    cfg_path.write_text(text)
+    write_json(d / "unit.json", {"unit": u.__dict__, "planned_params": n_params})
+    t0 = time.time()
+    train_args = ["--config", str(cfg_path), *sum((["--set", s] for s in TRAIN_SETS), [])]
+    if IN_PROCESS:  # tests: one process, so the tiny model's programs compile once
+        from moka_jax.cli.train import main as train_main
+        if train_main(train_args) != 0:
+            raise SystemExit(f"{u.rel}: training failed")
+    else:
+        subprocess.run([sys.executable, str(REPO / "train.py"), *train_args], cwd=REPO,
+                       check=True)
+    t_train = time.time() - t0
+    if IN_PROCESS:
+        evaluate_unit(p, out, u.rel)
+    else:
+        subprocess.run([sys.executable, __file__, "--protocol", PROTOCOL_PATH, "--out", str(out),
+                        "--unit", u.rel, *sum((["--set", s] for s in SETS), []),
+                        *sum((["--train-set", s] for s in TRAIN_SETS), [])],
+                       cwd=REPO, check=True)
+    rec = json.loads((d / "eval.json").read_text())
+    rec.update(unit=u.__dict__, train_seconds=t_train, seconds=time.time() - t0)
+    write_json(d / "result.json", rec)
+    return rec
+
+
+def evaluate_unit(p: dict, out: Path, rel: str) -> None:
+    """Worker: load the trained adapter and measure the unit's experiment."""
+    import jax.numpy as jnp
+
+    import moka_jax as mj
+    from moka_jax.eval import response_scores
+
+    d = out / rel
+    info = json.loads((d / "unit.json").read_text())
+    u = Unit(**info["unit"])
+    run = d / "run"
+    model, tok = mj.load(_train_set("model.path", "smollm2"), adapter=run / "adapter",
+                         quant="nf4", dtype=jnp.float32, tokenizer=_train_set("model.tokenizer"))
+    trainable = mj.summary(model, print_fn=None)["trainable"]
+    if trainable != info["planned_params"]:
+        raise SystemExit(f"{rel}: the trained adapter has {trainable} parameters, the plan "
+                         f"{info['planned_params']}")
+    rec = {"params": trainable, "budget_params": budget_params(p, u.budget)}
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+    rec["train_loss"] = [[m["step"], m["loss"]] for m in metrics if "loss" in m]
+    gates = run / "gates.json"
+    if gates.exists():
+        g = json.loads(gates.read_text())
+        ent = [float(-(np.asarray(a) * np.log(np.asarray(a) + 1e-12)).sum() / math.log(len(a)))
+               for a in g.values() if len(a) > 1]
+        rec["gate_entropy"] = float(np.mean(ent)) if ent else None
+    if u.exp == "e1":
+        rec.update(_e1_measures(p, out, u, model, tok, response_scores))
+    else:
+        rec.update(_e2_measures(p, out, u, model, tok, response_scores))
+    write_json(d / "eval.json", rec)
+
+
+def _train_set(key: str, default=None):
+    """The value a --train-set gives `key` (tests swap in the tiny model), else default."""
+    for s in TRAIN_SETS:
+        if s.startswith(key + "="):
+            return s.split("=", 1)[1]
+    return default
+
+
+def _cutoff(p: dict, exp: str) -> int:
+    """The experiment's data.cutoff_len (or a --train-set's): evaluation cuts as training."""
+    import yaml
+
+    cfg = yaml.safe_load((Path(PROTOCOL_PATH).parent / p[exp]["config"]).read_text())
+    return int(_train_set("data.cutoff_len", cfg["data"]["cutoff_len"]))
+
+
+def _scores(model, tok, records, template, cutoff, response_scores):
+    from moka_jax.data import pad_id, tokenize
+
+    ids, labels = tokenize(records, tok, template=template, cutoff_len=cutoff)
+    return response_scores(model, ids, labels, pad=pad_id(tok), batch_size=16,
+                           multiple=16 if template == "plain" else 64)
+
+
+def _e1_measures(p, out, u, model, tok, response_scores) -> dict:
+    e = p["e1"]
+    pairs = json.loads(e1_data_file(p, out, u.seed).read_text())
+    s = _scores(model, tok, pairs, "plain", _cutoff(p, "e1"), response_scores)
+    nll_bits = s["nll"] / math.log(2)
+    h0 = e["value_len"] * math.log2(len(ALPHABET))  # a value's entropy: what there is to store
+    stored = np.clip(h0 - nll_bits, 0.0, h0)
+    return {"select": float(s["nll"].sum() / s["tokens"].sum()),  # value NLL per token (nats)
+            "recall": float(s["greedy"].mean()), "value_nll": float(s["nll"].sum() / s["tokens"].sum()),
+            "bits_stored": float(stored.sum()),
+            "items": {"greedy": s["greedy"].astype(int).tolist(),
+                      "nll": [round(float(x), 5) for x in s["nll"]],
+                      "tokens": s["tokens"].tolist()}}
+
+
+def _e2_measures(p, out, u, model, tok, response_scores) -> dict:
+    names = e2_splits(p, out)
+    rec = {}
+    # every unit: a search trial at the winning lr is also that method's seed-0 main run
+    for name in ("val", "heldout", "general"):
+        records = json.loads(names[name].read_text())
+        s = _scores(model, tok, records, "alpaca", _cutoff(p, "e2"), response_scores)
+        rec[f"{name}_nll"] = float(s["nll"].sum() / s["tokens"].sum())
+        rec.setdefault("items", {})[name] = {"nll": [round(float(x), 5) for x in s["nll"]],
+                                             "tokens": s["tokens"].tolist()}
+    rec["select"] = rec["val_nll"]
+    return rec
+
+
+def base_e2(p: dict, out: Path) -> dict:
+    """The untrained base's E2 NLLs (the reference for forgetting), measured once."""
+    path = out / "e2" / "base" / "result.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    if IN_PROCESS:
+        evaluate_base(p, out)
+    else:
+        subprocess.run([sys.executable, __file__, "--protocol", PROTOCOL_PATH, "--out",
+                        str(out), "--unit", "e2/base",
+                        *sum((["--train-set", s] for s in TRAIN_SETS), [])], cwd=REPO, check=True)
+    return json.loads(path.read_text())
+
+
+def evaluate_base(p: dict, out: Path) -> None:
+    import jax.numpy as jnp
+
+    import moka_jax as mj
+    from moka_jax.eval import response_scores
+
+    model, tok = mj.load(_train_set("model.path", "smollm2"), quant="nf4", dtype=jnp.float32,
+                         tokenizer=_train_set("model.tokenizer"))
+    names = e2_splits(p, out)
+    rec = {}
+    for name in ("val", "heldout", "general"):
+        s = _scores(model, tok, json.loads(names[name].read_text()), "alpaca",
+                    _cutoff(p, "e2"), response_scores)
+        rec[f"{name}_nll"] = float(s["nll"].sum() / s["tokens"].sum())
+        rec.setdefault("items", {})[name] = {"nll": [round(float(x), 5) for x in s["nll"]],
+                                             "tokens": s["tokens"].tolist()}
+    write_json(out / "e2" / "base" / "result.json", rec)
+
+
+# ----------------------------------------------------------------------------- driver
+
+PROTOCOL_PATH = str(CONFIGS / "protocol.yaml")
+SETS: list[str] = []         # --set: experiment settings (pilots)
+TRAIN_SETS: list[str] = []   # --train-set: train.py overrides for every unit (tests)
+IN_PROCESS = False           # --in-process: train and evaluate units in this process (tests)
+
+
+def run_all(p: dict, out: Path, exps) -> None:
+    while True:
+        pending = [u for u in all_units(p, out, exps)
+                   if isinstance(u, Unit) and read_result(out, u) is None]
+        if not pending:
+            return
+        u = pending[0]
+        print(f"[capacity] {u.rel} ({len(pending)} runnable units left)", flush=True)
+        if u.exp == "e2" and u.phase != "search":
+            base_e2(p, out)
+        rec = run_unit(p, out, u)
+        print(f"[capacity] {u.rel}: select {rec['select']:.4f}, "
+              f"{rec['seconds'] / 60:.1f} min", flush=True)
+
+
+def pilot(p: dict, out: Path, exp: str, methods, budgets, lr: float) -> list:
+    rows = []
+    phase = (f"pilot-n{p['e1']['pairs']}-e{p['e1']['epochs']}" if exp == "e1"
+             else f"pilot-steps{p['e2']['steps']}")  # one directory per sizing tried
+    for m in methods:
+        for b in budgets:
+            u = Unit(exp, phase, m, b, 0, lr)
+            rec = run_unit(p, out, u)
+            row = {k: rec.get(k) for k in ("recall", "value_nll", "bits_stored", "val_nll",
+                                            "heldout_nll", "params", "seconds")}
+            rows.append({"unit": u.rel, **row})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    global PROTOCOL_PATH, SETS, TRAIN_SETS, IN_PROCESS
+    args = parse_args(argv)
+    PROTOCOL_PATH, SETS = str(Path(args.protocol).absolute()), list(args.set)
+    TRAIN_SETS, IN_PROCESS = list(args.train_set), bool(args.in_process)
+    p = load_protocol(args.protocol, args.set)
+    out = Path(args.out).absolute()
+    if args.unit:
+        if args.unit == "e2/base":
+            evaluate_base(p, out)
+        else:
+            evaluate_unit(p, out, args.unit)
+        return 0
+    exps = args.only or p["experiments"]
+    if args.status:
+        print(json.dumps(status(p, out, exps)))
+        return 0
+    if args.pilot:
+        rows = pilot(p, out, args.pilot, args.methods or ["lora"], args.budgets or ["r1", "r16"],
+                     args.lr or p["lrs"][1])
+        print(json.dumps({"pilot": rows}))
+        return 0
+    if not args.report_only:
+        run_all(p, out, exps)
+    print(json.dumps(capacity_report.report(p, out, Path(args.results))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

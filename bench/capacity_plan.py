@@ -1,0 +1,193 @@
+"""The protocol of bench/capacity.py as data: budgets, methods sized to them, units, their
+records and status. No model and no JAX, so the report and --status run anywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "capacity"
+
+
+# ----------------------------------------------------------------------------- protocol
+
+
+def load_protocol(path, sets=()) -> dict:
+    import yaml
+
+    p = yaml.safe_load(Path(path).read_text())
+    for s in sets:
+        key, _, value = s.partition("=")
+        exp, _, k = key.partition(".")
+        if exp not in p or not isinstance(p[exp], dict) or k not in p[exp]:
+            raise SystemExit(f"--set {s}: no setting {key!r} in {path}")
+        p[exp][k] = yaml.safe_load(value)
+    for m, spec in p["methods"].items():
+        unknown = set(spec.get("budgets", p["budgets"])) - set(p["budgets"])
+        if unknown:
+            raise SystemExit(f"{path}: method {m}: unknown budgets {sorted(unknown)}")
+        if spec.get("lr_from") and spec["lr_from"] not in p["methods"]:
+            raise SystemExit(f"{path}: method {m}: lr_from {spec['lr_from']!r} is no method")
+    if p["search_budget"] not in p["budgets"]:
+        raise SystemExit(f"{path}: search_budget {p['search_budget']!r} is not a budget")
+    return p
+
+
+def budget_params(p: dict, budget: str) -> int:
+    """LoRA rank R's trainable parameters on the targets: the budget."""
+    return p["budgets"][budget] * p["layers"] * sum(m + n for m, n in p["dims"].values())
+
+
+def method_budgets(p: dict, method: str) -> list[str]:
+    return list(p["methods"][method].get("budgets", p["budgets"]))
+
+
+def adapter_section(p: dict, method: str, budget: str) -> tuple[dict, int]:
+    """(the adapter section of the unit config, its trainable parameters), sized to the budget
+    with the library's planners; the count is checked against the trained model's."""
+    import moka_jax as mj
+    from moka_jax.shapes import moka_params, mokas_params
+
+    spec = {k: v for k, v in p["methods"][method].items()
+            if k not in ("budgets", "lr_from", "gate_lr_mult")}
+    rank, layers, dims = p["budgets"][budget], p["layers"], p["dims"]
+    kind = spec.pop("kind")
+    targets = "(" + "|".join(dims) + ")$"
+    if kind in ("lora", "dora"):
+        sec = {"kind": kind, "r": rank, "alpha": 2.0 * rank, **spec}
+        per_layer = sum(rank * (m + n) + (m if kind == "dora" else 0) for m, n in dims.values())
+    elif kind == "moka":
+        table, per_layer = {}, 0
+        for m, n in dims.values():
+            shapes = mj.plan_moka_shapes(m, n, rank, budget=rank * (m + n))
+            table[f"{m}x{n}"] = [[list(a), list(b)] for a, b in shapes]
+            per_layer += sum(moka_params(s) for s in shapes) + (rank if spec.get("gated", True)
+                                                                  else 0)
+        sec = {"kind": "moka", "r": rank, "shapes": table, **spec}
+    elif kind == "mokas":
+        r = int(spec.pop("r"))
+        target = budget_params(p, budget) / layers
+
+        def cost(b):  # non-decreasing in b: a larger cap only admits larger primes
+            try:
+                return sum(sum(mokas_params(m, n, q) for q in mj.plan_mokas_primes(m, n, r, b))
+                           + r for m, n in dims.values())
+            except ValueError:
+                return 0
+        lo, hi = 1, int(3 * target)  # bisect for the first per-layer budget reaching target
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if cost(mid) < target else (lo, mid)
+        best = min((lo - 1, lo), key=lambda b: abs(cost(b) - target))
+        sec = {"kind": "mokas", "r": r, "budget": best, **spec}
+        per_layer = cost(best)
+    else:
+        raise SystemExit(f"method {method}: unknown kind {kind!r}")
+    sec["targets"] = targets
+    return sec, per_layer * layers
+
+
+def counts_table(p: dict) -> list[dict]:
+    rows = []
+    for m in p["methods"]:
+        for b in method_budgets(p, m):
+            _, n = adapter_section(p, m, b)
+            rows.append({"method": m, "budget": b, "budget_params": budget_params(p, b),
+                         "params": n, "ratio": n / budget_params(p, b)})
+    return rows
+
+
+# ----------------------------------------------------------------------------- units
+
+
+@dataclass(frozen=True)
+class Unit:
+    exp: str
+    phase: str      # search | main | pilot
+    method: str
+    budget: str
+    seed: int
+    lr: float
+
+    @property
+    def rel(self) -> str:
+        return f"{self.exp}/{self.phase}/{self.method}-{self.budget}/seed{self.seed}-lr{self.lr:g}"
+
+
+def search_units(p: dict, exp: str) -> list[Unit]:
+    return [Unit(exp, "search", m, p["search_budget"], 0, float(lr))
+            for m, spec in p["methods"].items() if not spec.get("lr_from")
+            for lr in p["lrs"]]
+
+
+def chosen_lr(p: dict, out: Path, exp: str, method: str) -> tuple[float | None, dict]:
+    """The search winner of the method (or of its lr_from), with every trial's score."""
+    src = p["methods"][method].get("lr_from") or method
+    scores = {}
+    for u in search_units(p, exp):
+        if u.method == src:
+            rec = read_result(out, u)
+            if rec is None:
+                return None, scores
+            scores[u.lr] = rec["select"]
+    best = min(scores, key=scores.get)
+    return best, scores
+
+
+def main_units(p: dict, out: Path, exp: str) -> list[Unit | tuple]:
+    """Seed-major main units; a method whose lr is not chosen yet appears as (method, budget,
+    seed) so --status can count it."""
+    units = []
+    for seed in p["seeds"]:
+        for m in p["methods"]:
+            lr, _ = chosen_lr(p, out, exp, m)
+            for b in method_budgets(p, m):
+                if lr is None:
+                    units.append((exp, m, b, seed))
+                elif b == p["search_budget"] and seed == 0 and not p["methods"][m].get("lr_from"):
+                    units.append(Unit(exp, "search", m, b, 0, lr))  # the search run itself
+                else:
+                    units.append(Unit(exp, "main", m, b, seed, lr))
+    return units
+
+
+def read_result(out: Path, u: Unit) -> dict | None:
+    path = out / u.rel / "result.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def all_units(p: dict, out: Path, exps) -> list:
+    units = []
+    for exp in exps:
+        units += search_units(p, exp)
+        units += [u for u in main_units(p, out, exp) if u not in units]
+    return units
+
+
+def status(p: dict, out: Path, exps) -> dict:
+    done, left, secs = [], [], []
+    for u in all_units(p, out, exps):
+        rec = read_result(out, u) if isinstance(u, Unit) else None
+        if rec is None:
+            left.append(u.rel if isinstance(u, Unit) else "/".join(map(str, u)) + " (lr not chosen)")
+        else:
+            done.append(u.rel)
+            secs.append(rec["seconds"])
+    mean = float(np.mean(secs)) if secs else None
+    return {"done": len(done), "left": len(left), "left_units": left,
+            "compute_minutes_spent": round(sum(secs) / 60, 1),
+            "compute_minutes_left_est": round(mean * len(left) / 60, 1) if mean else None}
+
+

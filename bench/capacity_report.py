@@ -1,0 +1,255 @@
+"""The report of bench/capacity.py: tables, paired bootstrap intervals, Pareto plots, and the
+generated section of RESULTS.md. Reads unit records only (no model), so it runs anywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+import capacity_plan as cap
+
+BEGIN, END = "<!-- capacity:begin -->", "<!-- capacity:end -->"
+E1_MEASURES = ("recall", "value_nll", "bits_stored", "bits_per_param")
+E2_MEASURES = ("heldout_nll", "forgetting", "val_nll")
+BOOT = 2000
+
+
+def records(p: dict, out: Path, exp: str) -> dict:
+    """{(method, budget): [record per seed]} of the finished main units (seed order)."""
+    got: dict = {}
+    for u in cap.main_units(p, out, exp):
+        if not isinstance(u, cap.Unit):
+            continue
+        rec = cap.read_result(out, u)
+        if rec is not None:
+            got.setdefault((u.method, u.budget), []).append(rec)
+    return got
+
+
+def _with_derived(p: dict, out: Path, exp: str, recs: dict) -> dict:
+    base = None
+    if exp == "e2" and (out / "e2" / "base" / "result.json").exists():
+        base = json.loads((out / "e2" / "base" / "result.json").read_text())
+    for rs in recs.values():
+        for r in rs:
+            if exp == "e1":
+                r["bits_per_param"] = r["bits_stored"] / r["params"]
+            elif base is not None and "general_nll" in r:
+                r["forgetting"] = r["general_nll"] - base["general_nll"]
+    return base
+
+
+def summarise(recs: dict, measures) -> dict:
+    """{method: {budget: {measure: {mean, sd, n}, params}}}."""
+    out: dict = {}
+    for (m, b), rs in recs.items():
+        cell = {"params": rs[0]["params"], "seeds": len(rs)}
+        for k in measures:
+            v = [r[k] for r in rs if r.get(k) is not None]
+            if v:
+                cell[k] = {"mean": float(np.mean(v)),
+                           "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
+        out.setdefault(m, {})[b] = cell
+    return out
+
+
+def _item_stat(rec: dict, exp: str, split: str = "heldout"):
+    """(per-item numerator, per-item weight) whose ratio of sums is the unit's measure."""
+    if exp == "e1":
+        g = np.asarray(rec["items"]["greedy"], float)
+        return g, np.ones_like(g)
+    it = rec["items"][split]
+    return np.asarray(it["nll"], float), np.asarray(it["tokens"], float)
+
+
+def paired_interval(a_recs, b_recs, exp: str, rng, split: str = "heldout"):
+    """[estimate, low, high] of measure(a) - measure(b): items resampled within each seed
+    (the same items for both methods), seeds averaged; 95% percentile bootstrap."""
+    pairs = list(zip(a_recs, b_recs))
+    stats = [(_item_stat(a, exp, split), _item_stat(b, exp, split)) for a, b in pairs]
+
+    def diff(idx_list):
+        d = []
+        for ((na, wa), (nb, wb)), idx in zip(stats, idx_list):
+            d.append(na[idx].sum() / wa[idx].sum() - nb[idx].sum() / wb[idx].sum())
+        return float(np.mean(d))
+
+    est = diff([np.arange(len(s[0][0])) for s in stats])
+    boots = [diff([rng.integers(0, len(s[0][0]), len(s[0][0])) for s in stats])
+             for _ in range(BOOT)]
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return [est, float(lo), float(hi)]
+
+
+def single_interval(recs, exp: str, rng):
+    """[estimate, low, high] of one cell's measure (items resampled, seeds averaged)."""
+    stats = [_item_stat(r, exp) for r in recs]
+
+    def val(idx_list):
+        return float(np.mean([n[i].sum() / w[i].sum() for (n, w), i in zip(stats, idx_list)]))
+
+    est = val([np.arange(len(n)) for n, _ in stats])
+    boots = [val([rng.integers(0, len(n), len(n)) for n, _ in stats]) for _ in range(BOOT)]
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return [est, float(lo), float(hi)]
+
+
+def intervals(p: dict, recs_by_exp: dict) -> dict:
+    rng = np.random.default_rng(0)
+    out = {}
+    for exp, recs in recs_by_exp.items():
+        for a, b in p["comparisons"]:
+            for budget in p["budgets"]:
+                ra, rb = recs.get((a, budget)), recs.get((b, budget))
+                if not ra or not rb:
+                    continue
+                n = min(len(ra), len(rb))
+                measure = "recall" if exp == "e1" else "heldout_nll"
+                out[f"{exp}:{measure}:{a}-{b}:{budget}"] = paired_interval(ra[:n], rb[:n], exp, rng)
+    return out
+
+
+def budget_separates(p: dict, recs: dict) -> tuple[bool | None, dict]:
+    """E1's power check: LoRA at the smallest and largest budget differ in recall by >= 20
+    points with their 95% intervals apart."""
+    lo_b, hi_b = min(p["budgets"], key=p["budgets"].get), max(p["budgets"], key=p["budgets"].get)
+    a, b = recs.get(("lora", lo_b)), recs.get(("lora", hi_b))
+    if not a or not b:
+        return None, {}
+    rng = np.random.default_rng(1)
+    ia, ib = single_interval(a, "e1", rng), single_interval(b, "e1", rng)
+    ok = (ib[0] - ia[0] >= 0.20) and (ib[1] > ia[2])
+    return bool(ok), {f"lora-{lo_b}": ia, f"lora-{hi_b}": ib}
+
+
+def pareto_plot(summary: dict, measure: str, path: Path, title: str, ylabel: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method, cells in summary.items():
+        pts = sorted((c["params"], c[measure]["mean"], c[measure]["sd"])
+                     for c in cells.values() if measure in c)
+        if not pts:
+            continue
+        x, y, e = map(np.asarray, zip(*pts))
+        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=method,
+                    linestyle="-" if len(pts) > 1 else "none")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (q_proj + v_proj, 30 layers)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt(cell: dict, k: str, digits: int = 3) -> str:
+    if k not in cell:
+        return "-"
+    c = cell[k]
+    return f"{c['mean']:.{digits}f} ± {c['sd']:.{digits}f}" if c["n"] > 1 else f"{c['mean']:.{digits}f}"
+
+
+def markdown(p: dict, summ: dict, ivals: dict, sep, sep_iv, counts, lrs, status, plots,
+             where: Path) -> str:
+    """The generated section; image links relative to `where` (the results file's folder)."""
+    lines = [BEGIN, "", "### Capacity at matched budgets (`python bench/capacity.py`)", "",
+             f"Status: {status['done']} units done, {status['left']} left "
+             f"({status['compute_minutes_spent']} min of compute spent). Generated by "
+             "`python bench/capacity.py --report-only`.", "",
+             "Trainable parameters per method and budget (budget = LoRA rank R on q/v):", "",
+             "| method | budget | params | / budget |", "| --- | --- | ---: | ---: |"]
+    for r in counts:
+        lines.append(f"| {r['method']} | {r['budget']} ({r['budget_params']:,}) | "
+                     f"{r['params']:,} | {r['ratio']:.3f} |")
+    lines += ["", "Chosen lr (seed 0 at the search budget; validation measure per trial):", "",
+              "| exp | method | lr | trials | edge |", "| --- | --- | ---: | --- | --- |"]
+    for (exp, m), (lr, scores) in lrs.items():
+        if lr is None:
+            continue
+        grid = sorted(scores)
+        edge = "yes" if lr in (grid[0], grid[-1]) else ""
+        lines.append(f"| {exp} | {m} | {lr:g} | "
+                     + ", ".join(f"{k:g}: {v:.4f}" for k, v in sorted(scores.items()))
+                     + f" | {edge} |")
+    for exp, measures in (("e1", E1_MEASURES), ("e2", E2_MEASURES)):
+        s = summ.get(exp) or {}
+        if not s:
+            continue
+        lines += ["", f"**{exp.upper()}** (mean ± sd over seeds):", "",
+                  "| method | budget | params | " + " | ".join(measures) + " |",
+                  "| --- | --- | ---: | " + " | ".join("---:" for _ in measures) + " |"]
+        for m, cells in s.items():
+            for b in p["budgets"]:
+                if b in cells:
+                    c = cells[b]
+                    lines.append(f"| {m} | {b} | {c['params']:,} | "
+                                 + " | ".join(_fmt(c, k, 4 if "nll" in k or k == "forgetting"
+                                                   else 3) for k in measures) + " |")
+    if ivals:
+        lines += ["", "Paired bootstrap 95% intervals (first minus second; E1 recall: higher "
+                  "is better; E2 held-out NLL: lower is better):", "",
+                  "| comparison | estimate | 95% interval |", "| --- | ---: | --- |"]
+        for k, (e, lo, hi) in ivals.items():
+            lines.append(f"| {k} | {e:+.4f} | [{lo:+.4f}, {hi:+.4f}] |")
+    if sep is not None:
+        lines += ["", f"E1 power check (LoRA r1 vs r16 recall >= 20 points apart, intervals "
+                  f"disjoint): **{sep}** {json.dumps(sep_iv)}"]
+    for path in plots:
+        lines += ["", f"![{path.stem}]({os.path.relpath(path, where)})"]
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def write_section(results: Path, text: str) -> None:
+    old = results.read_text() if results.exists() else ""
+    if BEGIN in old and END in old:
+        new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: text, old, flags=re.S)
+    else:
+        new = old.rstrip() + "\n\n" + text + "\n"
+    results.write_text(new)
+
+
+def report(p: dict, out: Path, results: Path) -> dict:
+    recs_by_exp, summ = {}, {}
+    for exp, measures in (("e1", E1_MEASURES), ("e2", E2_MEASURES)):
+        recs = records(p, out, exp)
+        _with_derived(p, out, exp, recs)
+        recs_by_exp[exp] = recs
+        summ[exp] = summarise(recs, measures)
+    ivals = intervals(p, recs_by_exp)
+    sep, sep_iv = budget_separates(p, recs_by_exp["e1"])
+    lrs = {(exp, m): cap.chosen_lr(p, out, exp, m) for exp in p["experiments"]
+           for m in p["methods"] if not p["methods"][m].get("lr_from")}
+    plots = []
+    fig = out / "figures"
+    for exp, measure, ylabel in (("e1", "recall", "E1 recall (exact match, greedy)"),
+                                 ("e1", "bits_per_param", "E1 bits stored per parameter"),
+                                 ("e2", "heldout_nll", "E2 held-out response NLL (nats/token)"),
+                                 ("e2", "forgetting", "E2 forgetting (NLL change on Dolly)")):
+        if any(measure in c for cells in summ[exp].values() for c in cells.values()):
+            plots.append(pareto_plot(summ[exp], measure, fig / f"{exp}_{measure}.png",
+                                     f"{exp.upper()}: {measure} vs trainable parameters", ylabel))
+    st = cap.status(p, out, p["experiments"])
+    counts = cap.counts_table(p)
+    write_section(results, markdown(p, summ, ivals, sep, sep_iv, counts, lrs, st, plots,
+                                    results.absolute().parent))
+
+    def compact(s):
+        return {m: {b: {k: [v["mean"], v["sd"]] if isinstance(v, dict) else v
+                        for k, v in c.items()} for b, c in cells.items()} for m, cells in s.items()}
+
+    return {"e1": compact(summ["e1"]), "e2": compact(summ["e2"]), "e3": {},
+            "e3_note": "not run yet", "intervals": ivals, "e1_budget_separates": sep,
+            "status": {k: v for k, v in st.items() if k != "left_units"}}

@@ -1,0 +1,109 @@
+"""bench/capacity.py: budgets matched within 10%, the E1 generator, the paired bootstrap, and
+the whole driver (search, lr choice, main units, resume, report) on the tiny random model."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+import capacity  # noqa: E402
+import capacity_plan as plan  # noqa: E402
+import capacity_report  # noqa: E402
+
+PROTOCOL = plan.load_protocol(plan.CONFIGS / "protocol.yaml")
+
+
+def test_every_method_within_ten_percent_of_its_budget():
+    rows = plan.counts_table(PROTOCOL)
+    assert {r["budget_params"] for r in rows} == {57_600, 230_400, 921_600}
+    for r in rows:
+        assert 0.9 <= r["ratio"] <= 1.1, r
+    got = {(r["method"], r["budget"]): r["params"] for r in rows}
+    assert got[("lora", "r4")] == 230_400 and got[("dora", "r16")] == 921_600 + 30 * 768
+    assert ("dora", "r1") not in got  # magnitudes alone are 40% of the smallest budget
+
+
+def test_e1_pairs_are_seeded_distinct_and_lowercase():
+    a, b = capacity.e1_pairs(PROTOCOL, 0), capacity.e1_pairs(PROTOCOL, 0)
+    assert a == b and a != capacity.e1_pairs(PROTOCOL, 1)
+    keys = [r["instruction"] for r in a]
+    assert len(keys) == len(set(keys)) == PROTOCOL["e1"]["pairs"]
+    for r in a[:50]:
+        assert r["instruction"][:-1].isalpha() and r["instruction"].endswith(":")
+        assert r["output"][0] == " " and r["output"][1:].islower()
+        assert len(r["output"]) == PROTOCOL["e1"]["value_len"] + 1
+
+
+def _rec(greedy):
+    return {"items": {"greedy": list(greedy)}}
+
+
+def test_paired_interval_estimate_and_coverage():
+    rng = np.random.default_rng(0)
+    same = [_rec([1, 0, 1, 1]), _rec([0, 0, 1, 1])]
+    assert capacity_report.paired_interval(same, same, "e1", rng) == [0.0, 0.0, 0.0]
+    a = [_rec([1] * 60 + [0] * 40)]
+    b = [_rec([1] * 30 + [0] * 70)]
+    est, lo, hi = capacity_report.paired_interval(a, b, "e1", rng)
+    assert est == pytest.approx(0.30) and lo < 0.30 < hi and lo > 0.15
+    # ratio of sums for E2 (token-weighted NLL)
+    e2a = [{"items": {"heldout": {"nll": [2.0, 6.0], "tokens": [1, 3]}}}]
+    e2b = [{"items": {"heldout": {"nll": [1.0, 3.0], "tokens": [1, 3]}}}]
+    assert capacity_report.paired_interval(e2a, e2b, "e2", rng)[0] == pytest.approx(1.0)
+
+
+TINY = ["model.path=random", "model.tokenizer=bytes", "model.tiny.layers=2",
+        "model.tiny.hidden=64", "model.tiny.heads=4", "model.tiny.kv_heads=2",
+        "model.tiny.intermediate=128", "data.cutoff_len=1024", "data.buckets=[1024]",
+        "train.batch_size=2", "train.save_every=1"]
+
+
+def test_driver_end_to_end_on_the_tiny_model(tmp_path):
+    p = yaml.safe_load((plan.CONFIGS / "protocol.yaml").read_text())
+    # the tiny model's targets: q 64x64, v 32x64 (2 kv heads of 16), 2 layers
+    p.update(dims={"q_proj": [64, 64], "v_proj": [32, 64]}, layers=2, lrs=[1e-3, 1e-2],
+             seeds=[0], budgets={"r1": 1, "r4": 4}, search_budget="r4",
+             methods={"lora": {"kind": "lora"},
+                      "moka": {"kind": "moka", "gate_lr_mult": 100.0},
+                      "moka-ungated": {"kind": "moka", "gated": False, "budgets": ["r4"],
+                                       "lr_from": "moka"}},
+             comparisons=[["moka", "lora"], ["moka", "moka-ungated"]])
+    p["e1"].update(pairs=12, epochs=1)
+    p["e2"].update(heldout=4, val=4, forgetting=4, steps=2, train_limit=8)
+    proto = tmp_path / "protocol.yaml"
+    proto.write_text(yaml.safe_dump(p))
+    # the protocol's configs are found next to it
+    for f in ("e1.yaml", "e2.yaml"):
+        (tmp_path / f).write_text((plan.CONFIGS / f).read_text())
+    out, results = tmp_path / "out", tmp_path / "RESULTS.md"
+    cmd = [sys.executable, str(REPO / "bench" / "capacity.py"), "--protocol", str(proto),
+           "--out", str(out), "--results", str(results), "--in-process"] + sum((["--train-set", s] for s in TINY), [])
+    st = json.loads(subprocess.run(cmd + ["--status"], capture_output=True, text=True,
+                                   check=True).stdout.splitlines()[-1])
+    assert st["done"] == 0 and st["left"] > 0
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    final = json.loads(run.stdout.splitlines()[-1])
+    st = json.loads(subprocess.run(cmd + ["--status"], capture_output=True, text=True,
+                                   check=True).stdout.splitlines()[-1])
+    # per experiment: 4 search trials, then 5 cells less the 2 search winners
+    assert st["left"] == 0 and st["done"] == 2 * (4 + 5 - 2)
+    for exp in ("e1", "e2"):
+        assert set(final[exp]) == {"lora", "moka", "moka-ungated"}
+        assert final[exp]["lora"]["r1"]["params"] == 2 * (64 + 64 + 32 + 64)
+    assert 0.0 <= final["e1"]["lora"]["r4"]["recall"][0] <= 1.0
+    assert "forgetting" in final["e2"]["moka"]["r4"]
+    assert any(k.startswith("e1:recall:moka-lora:") for k in final["intervals"])
+    assert final["e1_budget_separates"] in (True, False)
+    text = results.read_text()
+    assert capacity_report.BEGIN in text and "e1_recall.png" in text
+    assert (out / "figures" / "e2_heldout_nll.png").exists()
+    # a finished suite runs nothing again
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=True)
+    assert "[capacity] e" not in again.stdout
