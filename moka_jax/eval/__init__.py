@@ -1,4 +1,5 @@
-"""Evaluation: commonsense reasoning (generate / choice), response perplexity, MMLU k-shot."""
+"""Evaluation: commonsense reasoning (generate / choice / zero-shot), response perplexity, MMLU
+k-shot."""
 
 from moka_jax.eval.commonsense import (TASKS, average, evaluate_choice, evaluate_generate,
                                        evaluate_tasks, extract_answer, load_tasks, results_table,
@@ -6,10 +7,11 @@ from moka_jax.eval.commonsense import (TASKS, average, evaluate_choice, evaluate
 from moka_jax.eval.loading import AdapterMismatch, attach_exported_adapter, load_eval_model
 from moka_jax.eval.mmlu import evaluate_mmlu, mmlu_table
 from moka_jax.eval.perplexity import perplexity, response_nll, response_scores
+from moka_jax.eval.zeroshot import evaluate_zeroshot, parse_record, zeroshot_table
 
 __all__ = [
     "AdapterMismatch", "TASKS", "attach_exported_adapter", "average", "evaluate_choice",
-    "evaluate_generate", "evaluate_mmlu", "evaluate_tasks", "extract_answer", "load_eval_model",
-    "load_tasks", "mmlu_table", "perplexity", "response_nll", "response_scores", "results_table",
-    "score_continuations",
+    "evaluate_generate", "evaluate_mmlu", "evaluate_tasks", "evaluate_zeroshot", "extract_answer",
+    "load_eval_model", "load_tasks", "mmlu_table", "parse_record", "perplexity", "response_nll",
+    "response_scores", "results_table", "score_continuations", "zeroshot_table",
 ]

@@ -189,11 +189,13 @@ def test_hellaswag_preprocess_matches_lm_eval():
     spec.loader.exec_module(utils)
     raw = " Travel: [header] How to become an au pair [title] Learn the language. [step] Read. "
     assert zs.hellaswag_preprocess(raw) == utils.preprocess(raw)
-    assert zs.hellaswag_preprocess(raw) == "Travel: How to become an au pair. Learn the language. Read."
+    assert zs.hellaswag_preprocess(raw) == ("Travel: How to become an au pair. Learn the "
+                                            "language. Read.")
     # ActivityNet: "{label}: " + ctx_a + " " + ctx_b.capitalize() (the rest of ctx_b lowered).
     assert zs.hellaswag_query("Hurling", "A man runs. then the Crowd") == \
         "Hurling: A man runs. Then the crowd"
-    assert zs.hellaswag_query("Health", "How to rest. sleep well") == "Health: How to rest. sleep well"
+    assert zs.hellaswag_query("Health", "How to rest. sleep well") == \
+        "Health: How to rest. sleep well"  # WikiHow: ctx_b is empty
 
 
 def test_winogrande_matches_lm_eval_partial_evaluation():
@@ -278,9 +280,9 @@ def test_scores_and_accuracy_equal_numpy_reference(model, tok, monkeypatch):
         assert r["n"] == len(hits)
         assert r["acc"] == np.mean([a for a, _ in hits])
         assert r["acc_norm"] == np.mean([b for _, b in hits])
-    assert report["average"]["acc"] == pytest.approx(np.mean([r["acc"] for r in report["tasks"].values()]))
-    assert report["average"]["acc_norm"] == pytest.approx(
-        np.mean([r["acc_norm"] for r in report["tasks"].values()]))
+    for metric in ("acc", "acc_norm"):
+        assert report["average"][metric] == pytest.approx(
+            np.mean([r[metric] for r in report["tasks"].values()]))
     assert report["n"] == len(keys)
     # Rows are pooled across tasks: fewer scoring calls than tasks, candidate counts 1, 2 and
     # the most any row has (ARC-Easy 170 has 5 options).
@@ -299,7 +301,8 @@ def test_scores_and_accuracy_equal_numpy_reference(model, tok, monkeypatch):
      r"ARC-Easy record 7: answer 'answer9' is not one of answer1\.\.answer4"),
     ("boolq", lambda r: {**r, "instruction": "Is it? true or false"},
      r"boolq record 7: the boolq opening .* not found \(instruction 'Is it\? true or false'\)"),
-    ("hellaswag", lambda r: {**r, "instruction": r["instruction"].rsplit("\n\nAnswer format", 1)[0]},
+    ("hellaswag",
+     lambda r: {**r, "instruction": r["instruction"].rsplit("\n\nAnswer format", 1)[0]},
      r"hellaswag record 7: no 'Answer format: x1/x2/\.\.\.' line at the end"),
     ("openbookqa", lambda r: {k: v for k, v in r.items() if k != "instruction"},
      r"openbookqa record 7: no 'instruction' string"),
@@ -312,5 +315,35 @@ def test_malformed_record_names_task_index_and_what_is_missing(task, change, mat
 def test_evaluate_parses_everything_before_scoring(model, tok):
     bad = {**dev("piqa", 1), "answer": "solution3"}
     with pytest.raises(DataError, match=r"piqa record 1: answer 'solution3'"):
-        zs.evaluate_zeroshot(model, tok, {"boolq": [dev("boolq", 0)], "piqa": [dev("piqa", 0), bad]},
-                             progress=False)
+        zs.evaluate_zeroshot(model, tok, {"boolq": [dev("boolq", 0)],
+                                          "piqa": [dev("piqa", 0), bad]}, progress=False)
+
+
+def test_moka_eval_zeroshot_mode(model, tok, capsys):
+    import eval as eval_cli
+
+    args = eval_cli.parse_args(["--mode", "zeroshot", "--tasks", "piqa", "winogrande"])
+    assert args.mode == "zeroshot" and args.template is None
+    tasks = {"piqa": [dev("piqa", 0)], "winogrande": [dev("winogrande", 0)]}
+    report = eval_cli.run(args, model, None, tok, tasks)
+    assert report["mode"] == "zeroshot" and set(report["tasks"]) == {"piqa", "winogrande"}
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["task", "n", "acc", "%", "acc_norm", "%"]
+    assert f"{100 * report['average']['acc_norm']:.2f}" in out.splitlines()[-2]
+    with pytest.raises(SystemExit) as e:
+        eval_cli.parse_args(["--mode", "zeroshot", "--template", "alpaca"])
+    assert e.value.code == 2 and "--template does not apply" in capsys.readouterr().err
+
+
+def test_moka_eval_zeroshot_rejects_a_malformed_record_before_loading_the_model(
+        tmp_path, capsys, monkeypatch):
+    import eval as eval_cli
+    import moka_jax.eval.loading as loading
+
+    monkeypatch.setattr(loading, "load_eval_model", lambda *a, **k: pytest.fail("model loaded"))
+    good, bad = dev("piqa", 0), {**dev("piqa", 1), "instruction": "Which is right?"}
+    (tmp_path / "piqa").mkdir()
+    (tmp_path / "piqa" / "dev.json").write_text(json.dumps([good, bad]))
+    assert eval_cli.main(["--mode", "zeroshot", "--tasks", "piqa",
+                          "--data-dir", str(tmp_path)]) == 2
+    assert "error: piqa record 1: the piqa opening" in capsys.readouterr().err
