@@ -259,6 +259,12 @@ def score_docs(model, tokenizer, docs: list[Doc], *, batch_size: int = 8,
     for r in rows:
         key = (_cand_class(len(r[3]), most), _len_class(max(len(t) for t in r[3])))
         groups.setdefault(key, []).append(r)
+    # A group short of one batch joins the next longer one of its candidate count: one
+    # compilation fewer for at most a batch of extra padding.
+    keys = sorted(groups)
+    for a, b in zip(keys, keys[1:]):
+        if a[0] == b[0] and len(groups[a]) < batch_size:
+            groups[b] = groups.pop(a) + groups[b]
     out = [np.zeros(len(d.options), np.float32) for d in docs]
     for (n_cand, cont_len), grp in sorted(groups.items()):
         scores = score_continuations(
