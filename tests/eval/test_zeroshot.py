@@ -284,10 +284,10 @@ def test_scores_and_accuracy_equal_numpy_reference(model, tok, monkeypatch):
         assert report["average"][metric] == pytest.approx(
             np.mean([r[metric] for r in report["tasks"].values()]))
     assert report["n"] == len(keys)
-    # Rows are pooled across tasks: fewer scoring calls than tasks, candidate counts 1, 2 and
-    # the most any row has (ARC-Easy 170 has 5 options).
-    assert len(calls) < len(tasks) and sum(n for n, _ in calls) == len(keys) + 1
-    assert {c for _, c in calls} <= {1, 2, 5}
+    # Rows pooled across tasks by candidate count (1: winogrande's two, one per option; 2: boolq
+    # and piqa; else the most any row has, 5 for ARC-Easy 170), groups short of a batch merged
+    # into the next longer one until a batch (4) is full: four scoring calls for eight tasks.
+    assert calls == [(2, 1), (2, 2), (4, 5), (2, 5)]
     table = zs.zeroshot_table(report)
     assert "hellaswag" in table and "average" in table and "acc_norm %" in table
 
@@ -347,3 +347,77 @@ def test_moka_eval_zeroshot_rejects_a_malformed_record_before_loading_the_model(
     assert eval_cli.main(["--mode", "zeroshot", "--tasks", "piqa",
                           "--data-dir", str(tmp_path)]) == 2
     assert "error: piqa record 1: the piqa opening" in capsys.readouterr().err
+
+
+def _lm_eval_doc(doc, record):
+    """The record back in the task's Hugging Face schema (what lm-eval's YAML reads)."""
+    f, o, g = doc.fields, list(doc.options), doc.gold
+    letters = {"choices": {"text": o, "label": list("ABCDE"[:len(o)])}, "answerKey": "ABCDE"[g]}
+    if doc.task == "boolq":
+        return {**f, "label": g}
+    if doc.task == "piqa":
+        return {**f, "label": g}
+    if doc.task == "social_i_qa":  # any split at a space renders the same "{context} {question}"
+        context, question = f["question"].rsplit(" ", 1)
+        return {"context": context, "question": question, "answerA": o[0], "answerB": o[1],
+                "answerC": o[2], "label": str(g + 1)}
+    if doc.task == "hellaswag":  # ctx_b: the lower-case tail of ActivityNet contexts
+        ctx, ctx_b = f["ctx"], ""
+        tail = ctx.rsplit(". ", 1)
+        if not ctx.startswith("How to ") and len(tail) == 2 and tail[1][:1].islower():
+            ctx, ctx_b = tail[0] + ".", tail[1]
+        return {"activity_label": f["activity_label"], "ctx_a": ctx, "ctx_b": ctx_b,
+                "endings": o, "label": str(g)}
+    if doc.task == "winogrande":
+        return {**f, "answer": record["answer"][-1]}
+    return {**f, **letters}
+
+
+LM_EVAL_YAMLS = {"boolq": "super_glue/boolq/default.yaml", "piqa": "piqa/piqa.yaml",
+                 "social_i_qa": "siqa/siqa.yaml", "hellaswag": "hellaswag/hellaswag.yaml",
+                 "winogrande": "winogrande/default.yaml", "ARC-Easy": "arc/arc_easy.yaml",
+                 "ARC-Challenge": "arc/arc_challenge.yaml",
+                 "openbookqa": "openbookqa/openbookqa.yaml"}
+
+
+def test_lm_eval_itself_gives_the_same_scores_and_accuracies(tmp_path, monkeypatch):
+    """The installed lm-eval's own task configs (included, only the data made local, acc_norm
+    asked of every task), run on moka_jax's harness model, over the parsed dev records: the same
+    log-likelihoods, acc and acc_norm as evaluate_zeroshot."""
+    pytest.importorskip("lm_eval")
+    harness = pytest.importorskip("moka_jax.harness")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    root = Path(pytest.importorskip("lm_eval").__file__).parent / "tasks"
+    n = 2
+    records = {t: json.loads((DATA / t / "dev.json").read_text())[:n] for t in LM_EVAL_YAMLS}
+    records["hellaswag"] = [dev("hellaswag", i) for i in (0, 3)]  # WikiHow + ActivityNet
+    for t, recs in records.items():
+        docs = [_lm_eval_doc(zs.parse_record(t, r, i), r) for i, r in enumerate(recs)]
+        (tmp_path / f"{t}.json").write_text(json.dumps(docs))
+        # boolq: the records have no passage; ours drops the empty "{passage}\n".
+        text = '\ndoc_to_text: "Question: {{question}}?\\nAnswer:"' if t == "boolq" else ""
+        (tmp_path / f"zs_{t}.yaml").write_text(
+            f"include: {root / LM_EVAL_YAMLS[t]}\ntask: zs_{t}\ndataset_path: json\n"
+            f"dataset_name: null\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / t}.json\n"
+            f"  cache_dir: {tmp_path / 'cache'}\ntraining_split: null\nvalidation_split: null\n"
+            f"test_split: test\nfewshot_split: null\ntag: []\nmetric_list:\n  - metric: acc\n"
+            f"  - metric: acc_norm{text}\n")
+    # An instance, not model_args: lm-eval's argument parsing turns quant=none into None (nf4).
+    lm = harness.MokaLM(base="random", quant="none", dtype="float32", greedy_check=False,
+                        batch_size=4)
+    out = simple_evaluate(model=lm, tasks=[f"zs_{t}" for t in records], batch_size=4,
+                          log_samples=True, task_manager=TaskManager(include_path=str(tmp_path),
+                                                   include_defaults=False))
+    ours = zs.evaluate_zeroshot(lm.model, lm.tokenizer, records, batch_size=4, progress=False)
+    for t in records:
+        theirs = out["results"][f"zs_{t}"]
+        mine = ours["tasks"][t]
+        assert (theirs["acc,none"], theirs["acc_norm,none"]) == (mine["acc"], mine["acc_norm"]), t
+        samples = sorted(out["samples"][f"zs_{t}"], key=lambda s: s["doc_id"])
+        for s, item in zip(samples, mine["items"], strict=True):
+            np.testing.assert_allclose([r[0] for r in s["filtered_resps"]], item["scores"],
+                                       rtol=1e-5, err_msg=t)
