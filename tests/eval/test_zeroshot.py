@@ -338,9 +338,9 @@ def test_moka_eval_zeroshot_mode(model, tok, capsys):
 def test_moka_eval_zeroshot_rejects_a_malformed_record_before_loading_the_model(
         tmp_path, capsys, monkeypatch):
     import eval as eval_cli
-    import moka_jax.eval.loading as loading
+    import moka_jax.api as api
 
-    monkeypatch.setattr(loading, "load_eval_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(api, "load", lambda *a, **k: pytest.fail("model loaded"))
     good, bad = dev("piqa", 0), {**dev("piqa", 1), "instruction": "Which is right?"}
     (tmp_path / "piqa").mkdir()
     (tmp_path / "piqa" / "dev.json").write_text(json.dumps([good, bad]))
