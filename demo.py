@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent
 
 
 def parse_args(argv=None):
-    from moka_jax.domains import COUNT, arg
+    from moka_jax.support.domains import COUNT, arg
     from moka_jax.eval.commonsense import TASKS
 
     ap = argparse.ArgumentParser(prog="python demo.py", description=__doc__,
@@ -74,22 +74,18 @@ def main(argv=None) -> dict:
     import jax
     from flax import nnx
 
-    from moka_jax import nn
-    from moka_jax.config import load_config, validate
-    from moka_jax.data import load_tokenizer
+    import moka_jax as mj
+    from moka_jax.config import validate
     from moka_jax.eval.commonsense import evaluate_tasks, load_tasks
-    from moka_jax.train.checkpoint import load_adapter_params
-    from moka_jax.train.loop import build_base_model, model_source, tokenizer_spec, train
+    from moka_jax.io.adapter_io import load_values
 
     t_start = time.perf_counter()
-    cfg = validate(load_config(args.config, args.set), num_devices=jax.device_count())
+    cfg = validate(mj.load_config(args.config, args.set), num_devices=jax.device_count())
     tasks = load_tasks(args.data_dir, args.tasks, args.limit)
 
     print(f"[demo 1/4] base model: {cfg.model.path} ({cfg.model.quant} base)", flush=True)
-    source = model_source(cfg)
-    tokenizer = load_tokenizer(tokenizer_spec(cfg, source))
-    model, _ = build_base_model(cfg, source)
-    nn.attach_adapters(model, cfg.adapter.config, cfg.adapter.targets,
+    model, tokenizer = mj.load(cfg.model)
+    mj.attach_adapters(model, cfg.adapter.config, cfg.adapter.targets,
                        rngs=nnx.Rngs(params=cfg.train.seed))
 
     n = sum(len(r) for r in tasks.values())
@@ -104,11 +100,11 @@ def main(argv=None) -> dict:
     print(f"[demo 3/4] fine-tuning {cfg.adapter.kind} for {cfg.train.steps} steps of {rows}",
           flush=True)
     t0 = time.perf_counter()
-    summary = train(cfg)
+    summary = mj.train(cfg)
     t_train = time.perf_counter() - t0
     if "adapter_dir" not in summary:
         raise RuntimeError(f"training stopped before step {cfg.train.steps}; see {summary['run_dir']}")
-    nnx.update(model, load_adapter_params(summary["adapter_dir"], nn.adapter_state(model)))
+    nnx.update(model, load_values(summary["adapter_dir"], mj.adapter_state(model)))
 
     print("[demo 4/4] evaluating the fine-tuned model on the same questions", flush=True)
     t0 = time.perf_counter()

@@ -25,7 +25,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +32,12 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from moka_jax import kron, nn, quant, shapes
 from timing import median_seconds  # bench/timing.py (run as a script from bench/)
+
+from moka_jax import nn, quant
 from moka_jax.adapters import LoRAConfig, MoKAConfig, MoKAsConfig
+from moka_jax.core import kron, shapes
+from moka_jax.support import machine
 
 jax.config.update("jax_default_matmul_precision", "highest")  # f32 as f32; bf16 is unaffected
 
@@ -218,7 +220,8 @@ def main():
         ap.error("--tokens and --repeats must be >= 1")
     rng = np.random.default_rng(0)
     result = {"bench": "adapter_ops", "backend": jax.default_backend(),
-              "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+              "cpu_count": os.cpu_count(), "machine": machine.cpu_info()["cpu_model"],
+              "machine_details": machine.describe(),
               "tokens": args.tokens, "dtypes": dtypes, "quick": args.quick,
               "schedule": kron.resolve_schedule(), "layers": {}}
     layers = QUICK_LAYERS if args.quick else LAYERS

@@ -169,9 +169,8 @@ def run_unit(p: dict, out: Path, u: Unit) -> dict:
     t0 = time.time()
     train_args = ["--config", str(cfg_path), *sum((["--set", s] for s in TRAIN_SETS), [])]
     if IN_PROCESS:  # tests: one process, so the tiny model's programs compile once
-        from moka_jax.cli.train import main as train_main
-        if train_main(train_args) != 0:
-            raise SystemExit(f"{u.rel}: training failed")
+        import moka_jax as mj
+        mj.train(str(cfg_path), list(TRAIN_SETS), quiet=True)
     else:
         subprocess.run([sys.executable, str(REPO / "train.py"), *train_args], cwd=REPO,
                        check=True)

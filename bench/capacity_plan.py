@@ -51,7 +51,7 @@ def adapter_section(p: dict, method: str, budget: str) -> tuple[dict, int]:
     """(the adapter section of the unit config, its trainable parameters), sized to the budget
     with the library's planners; the count is checked against the trained model's."""
     import moka_jax as mj
-    from moka_jax.shapes import moka_params, mokas_params
+    from moka_jax.core.shapes import moka_params, mokas_params
 
     spec = {k: v for k, v in p["methods"][method].items()
             if k not in ("budgets", "lr_from", "gate_lr_mult")}

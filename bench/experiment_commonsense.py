@@ -39,6 +39,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results_report  # noqa: E402
+
+from moka_jax.support.machine import one_line  # noqa: E402
 from tinymode import TINY_OVERRIDES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,7 +158,7 @@ def check_manifest(p: dict, out: Path) -> None:
     if path.exists():
         saved = json.loads(path.read_text())["settings"]
         if saved != key:
-            from moka_jax.train.checkpoint import fingerprint_diff
+            from moka_jax.training.checkpoint import fingerprint_diff
             diff = fingerprint_diff(saved, key)
             raise SystemExit(f"{out} holds a sweep made with other settings:\n  "
                              + "\n  ".join(diff[:12]) + "\npass another --out (nothing was "
@@ -246,9 +248,10 @@ def run_unit(p: dict, unit, out: Path, lr: float | None) -> dict:
     """Train (unless base) and, in the train phase, evaluate; every step saved as it ends."""
     import jax
 
+    import moka_jax as mj
     from moka_jax.config import validate
-    from moka_jax.train.loop import TrainingDiverged, train
-    from moka_jax.train.metrics import read_metrics
+    from moka_jax.training.loop import TrainingDiverged
+    from moka_jax.training.metrics import read_metrics
 
     phase, method, tag = unit
     udir = unit_dir(out, unit)
@@ -258,7 +261,7 @@ def run_unit(p: dict, unit, out: Path, lr: float | None) -> dict:
            "lr": None if method == "base" else cfg.train.lr, "seed": cfg.train.seed,
            "settings": json.loads(json.dumps(reuse_key(p))), "config": cfg.to_dict()}
     if method != "base":
-        rec["train"] = _load_or(udir / "train.json", lambda: _train(cfg, udir, train,
+        rec["train"] = _load_or(udir / "train.json", lambda: _train(cfg, udir, mj.train,
                                                                    read_metrics, TrainingDiverged))
     if phase == "search" or rec.get("train", {}).get("diverged"):
         return rec
@@ -294,22 +297,16 @@ def _train(cfg, udir: Path, train, read_metrics, diverged_error) -> dict:
 
 
 def _eval_model(cfg, adapter: Path | None):
-    from moka_jax.data import load_tokenizer
-    from moka_jax.eval import attach_exported_adapter
-    from moka_jax.train.loop import build_base_model, model_source, tokenizer_spec
+    import moka_jax as mj
 
-    source = model_source(cfg)
-    tokenizer = load_tokenizer(tokenizer_spec(cfg, source))
-    model, lconfig = build_base_model(cfg, source)
-    if adapter is not None:
-        attach_exported_adapter(model, adapter)
-    return model, lconfig, tokenizer
+    model, tokenizer = mj.load(cfg.model, adapter, progress=True)  # the run's own base
+    return model, model.config, tokenizer
 
 
 def _evaluate(p, mode, model, lconfig, tokenizer, cfg) -> dict:
     """{task: summary + per-item flags / predictions} of one mode, in the run's template."""
     from moka_jax.eval import evaluate_tasks
-    from moka_jax.generate import eos_ids
+    from moka_jax.eval.generate import eos_ids
 
     ev = p["eval"]
     tasks = dev_records(p)
@@ -370,7 +367,7 @@ def ensure_unit(p: dict, unit, args, lr: float | None = None) -> dict:
         subprocess.run(cmd, check=True, env=env)
         rec = json.loads((unit_dir(args.out, unit) / "worker.json").read_text())
     rec["wall_seconds"] = time.perf_counter() - t0
-    rec["machine"] = results_report.machine()
+    rec["machine"] = one_line()
     _write_json(path, rec)
     return rec
 

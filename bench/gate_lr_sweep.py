@@ -79,14 +79,14 @@ def summarize(records: list[dict], gates: dict) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    from moka_jax.train.loop import train
-    from moka_jax.train.metrics import read_metrics
+    import moka_jax as mj
+    from moka_jax.training.metrics import read_metrics
 
     configs = {m: run_config(args, m) for m in args.mults}  # all parse before any training
     runs, t0 = {}, time.perf_counter()
     for mult, cfg in configs.items():
         t = time.perf_counter()
-        summary = train(cfg, quiet=True)
+        summary = mj.train(cfg, quiet=True)
         run_dir = Path(summary["run_dir"])
         rec = summarize(read_metrics(run_dir / "metrics.jsonl"),
                         json.loads((run_dir / "gates.json").read_text()))

@@ -3,11 +3,11 @@
 Variants, each the real jitted TrainStep (loss, grads of the trainable tree, AdamW update), in
 a fresh process of its own so that the device's peak memory is that variant's alone:
   - moka_batched / moka_chunked: MoKA on q_proj, v_proj, the paper's 7B setting (r=10, planner
-    shapes, ~80k per layer), with each schedule of the factored apply (kron_schedule.py);
+    shapes, ~80k per layer), with each schedule of the factored apply (core/schedules.py);
     moka: the schedule the policy picks on this backend (kron.resolve_schedule);
   - lora_r16: LoRA r=16, alpha 32 on q_proj, v_proj;
   - frozen (opt-in): no adapter, a zero probe on the embeddings gives a full-depth backward.
-The base is laid out as `load_hf` lays out a real checkpoint: q/k/v/o and MLP in nf4, embeddings,
+The base (models.random_base) is laid out as `load_hf` lays out a real checkpoint: q/k/v/o and MLP in nf4, embeddings,
 norms and lm_head dense in --dtype. Each 4-bit weight is drawn and quantised in one jitted call
 on the device: the host quantiser would pull all 6.5B weights through numpy, over a minute per
 variant (12 ns a weight on the project's CPU machine).
@@ -45,13 +45,15 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from moka_jax import kron, kron_schedule, nn, quant
-from moka_jax.adapters import LoRA, LoRAConfig, MoKA, MoKAConfig
-from moka_jax.models.llama import Llama, LlamaConfig
-from moka_jax.quant.nf4 import NF4_MIDPOINTS
-from moka_jax.quant.packing import pack_nibbles
-from moka_jax.train.step import TrainStep, one_example_rows, split_model
-from moka_jax.variables import FrozenWeight
+import moka_jax as mj
+from moka_jax import nn, quant
+from moka_jax.adapters import LoRA, MoKA
+from moka_jax.core import kron
+from moka_jax.core import schedules as kron_schedule
+from moka_jax.models import presets
+from moka_jax.models.random_base import random_nf4_base
+from moka_jax.quant.nf4 import quantize_nf4_on_device
+from moka_jax.training.step import TrainStep, one_example_rows, split_model
 
 VARIANTS = ("moka", "moka_batched", "moka_chunked", "lora_r16", "frozen")
 # The chunked schedule last: on a GPU it is the slow one, so a timeout loses only it.
@@ -60,74 +62,10 @@ DEFAULT_VARIANTS = "moka_batched,lora_r16,moka_chunked"
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H200", 989e12), ("H100", 989e12), ("A100", 312e12))
 
 
-def llama2_7b_config() -> LlamaConfig:
-    return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                       head_dim=128, rms_norm_eps=1e-5, max_position_embeddings=4096)
-
-
-def tiny_config() -> LlamaConfig:
-    return LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                       head_dim=32, rms_norm_eps=1e-5)
-
-
-# ---- a random nf4 model made on the device --------------------------------------------------
-
-_FLOOR = np.float32(1e-38)
-
-
-def nf4_quantize_jnp(w_OI, block_size: int):
-    """jnp twin of moka_jax.quant.nf4.quantize_nf4 (same rule, bit for bit): (packed, absmax)."""
-    n_out, n_in = w_OI.shape
-    x_OBK = w_OI.astype(jnp.float32).reshape(n_out, n_in // block_size, block_size)
-    absmax_OB = jnp.abs(x_OBK).max(axis=-1)
-    # bnb's 1 / max(absmax, 1e-38). XLA flushes subnormals such as 1e-38 to zero, so the
-    # floor's reciprocal is taken on the host (else an all-zero block gets 0 * inf = NaN).
-    inv_OB = jnp.where(absmax_OB > 0, jnp.float32(1) / absmax_OB, np.float32(1) / _FLOOR)
-    x_OBK = jnp.clip(x_OBK * inv_OB[..., None], -1, 1)
-    codes_OBK = sum((x_OBK > mid).astype(jnp.uint8) for mid in NF4_MIDPOINTS)
-    return pack_nibbles(codes_OBK.reshape(n_out, n_in)), absmax_OB
-
-
-@partial(jax.jit, static_argnums=(1, 2, 3))
-def _random_nf4_leaves(key, n_out: int, n_in: int, block_size: int):
-    w_OI = jax.nn.initializers.lecun_normal()(key, (n_in, n_out), jnp.float32).T  # as Linear
-    return nf4_quantize_jnp(w_OI, block_size)
-
-
-def random_nf4(key, n_out: int, n_in: int, block_size: int) -> quant.QuantizedWeight:
-    packed, absmax = _random_nf4_leaves(key, n_out, n_in, block_size)
-    return quant.QuantizedWeight(packed, absmax, kind="nf4", shape=(n_out, n_in),
-                                 block_size=block_size, orig_dtype="float32")
-
-
-def _random_dense(key, path: str, shape, dtype):
-    if path.endswith("kernel"):  # lm_head (in, out)
-        return jax.nn.initializers.lecun_normal()(key, shape, dtype)
-    if path.endswith("embedding"):
-        return 0.02 * jax.random.normal(key, shape, dtype)
-    return jnp.ones(shape, dtype)  # norm scales
-
-
-def build_base(config: LlamaConfig, dtype, *, block_size: int = 64, remat: bool = False,
-               seed: int = 0) -> Llama:
-    """The frozen model, no full-precision copy of it ever made: an abstract skeleton, then
-    one weight at a time drawn (and for the 4-bit ones quantised) on the default device."""
-    model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, param_dtype=dtype, quant="none",
-                                         remat=remat, rngs=nnx.Rngs(0)))
-    key = jax.random.key(seed)
-    layers = [(p, layer) for p, layer in nn.linear_paths(model) if p != "lm_head"]
-    for i, (_, layer) in enumerate(tqdm(layers, desc="nf4 weights", leave=False)):
-        layer.kernel = FrozenWeight(random_nf4(jax.random.fold_in(key, i), layer.out_features,
-                                               layer.in_features, block_size))
-        layer.quant = "nf4"
-    dense = [("/".join(map(str, p)), v) for p, v in nnx.iter_graph(model)
-             if isinstance(v, FrozenWeight) and isinstance(v.get_value(), jax.ShapeDtypeStruct)]
-    for i, (path, var) in enumerate(dense, start=len(layers)):
-        spec = var.get_value()
-        var.set_value(_random_dense(jax.random.fold_in(key, i), path, spec.shape, spec.dtype))
-    return model
+def tiny_config():
+    """The --tiny smoke model: presets.tiny, a little wider, with a 512-token vocabulary."""
+    return presets.tiny(vocab=512, hidden=128, intermediate=256, heads=4, kv_heads=4,
+                        tie_embeddings=False)
 
 
 def moka_schedule(variant: str) -> str:
@@ -137,10 +75,10 @@ def moka_schedule(variant: str) -> str:
 
 def attach(model, variant: str, moka_r: int):
     if variant.startswith("moka"):
-        nn.attach_adapters(model, MoKAConfig(r=moka_r, schedule=moka_schedule(variant)),
+        nn.attach_adapters(model, mj.MoKAConfig(r=moka_r, schedule=moka_schedule(variant)),
                            rngs=nnx.Rngs(1))
     elif variant == "lora_r16":
-        nn.attach_adapters(model, LoRAConfig(r=16, alpha=32), rngs=nnx.Rngs(1))
+        nn.attach_adapters(model, mj.LoRAConfig(r=16, alpha=32), rngs=nnx.Rngs(1))
     elif variant == "frozen":
         from train_step import ProbedEmbed  # bench/ is on sys.path when run as a script
         model.embed = ProbedEmbed(model.embed, model.config.hidden_size)
@@ -186,11 +124,11 @@ def memory_stat(device, key: str) -> int | None:
 def run_variant(args, variant: str) -> dict:
     if args.token_chunk:
         kron_schedule.TOKEN_CHUNK = args.token_chunk  # read when the step is traced
-    config = tiny_config() if args.tiny else llama2_7b_config()
+    config = tiny_config() if args.tiny else presets.llama2_7b()
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0]
     t0 = time.perf_counter()
-    model = build_base(config, dtype, block_size=args.block_size, remat=args.remat)
+    model = random_nf4_base(config, dtype, block_size=args.block_size, remat=args.remat)
     attach(model, variant, args.moka_r)
     jax.block_until_ready(nnx.state(model))
     model_bytes = memory_stat(device, "bytes_in_use")
@@ -318,7 +256,7 @@ def check_moka_bf16(rng) -> dict:
     """A 576x576 MoKA (planner r=10) in bf16 on the device, both schedules: its delta's error
     against float64 at most 1.5x that of a dense bf16 matmul by the same dW (f32 accumulation)."""
     base = nn.Linear(576, 576, rngs=nnx.Rngs(0))
-    moka = MoKAConfig(r=10).build(base, "moka", nnx.Rngs(1))
+    moka = mj.MoKAConfig(r=10).build(base, "moka", nnx.Rngs(1))
     for b in moka.b:  # B = 0 at init
         b.set_value(jnp.asarray(0.05 * rng.standard_normal(b.shape), jnp.float32))
     x = jnp.asarray(rng.standard_normal((256, 576)), jnp.bfloat16)
@@ -340,7 +278,7 @@ def check_nf4(rng) -> dict:
     w = rng.standard_normal((256, 512)).astype(np.float32) * 0.05
     w[3, :64] = 0.0  # an all-zero block
     host = quant.quantize(w, "nf4", block_size=64)
-    packed, absmax = jax.jit(nf4_quantize_jnp, static_argnums=1)(jnp.asarray(w), 64)
+    packed, absmax = jax.jit(quantize_nf4_on_device, static_argnums=1)(jnp.asarray(w), 64)
     code_mismatch = int(np.sum(np.asarray(packed) != np.asarray(host.packed)))
     absmax_equal = bool(np.array_equal(np.asarray(absmax), np.asarray(host.scales)))
     deq = quant.dequantize(host, jnp.float32)
@@ -356,8 +294,8 @@ def check_nf4(rng) -> dict:
 
 def check_train(dtype) -> dict:
     """A tiny nf4 model with MoKA on q, v fits one batch: the loss falls, one compile."""
-    model = build_base(tiny_config(), dtype, seed=1)
-    nn.attach_adapters(model, MoKAConfig(r=4), rngs=nnx.Rngs(1))
+    model = random_nf4_base(tiny_config(), dtype, seed=1)
+    nn.attach_adapters(model, mj.MoKAConfig(r=4), rngs=nnx.Rngs(1))
     graphdef, params, frozen = split_model(model)
     tx = optax.adamw(1e-2)
     opt_state, step = tx.init(params), TrainStep(graphdef, tx)

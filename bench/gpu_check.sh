@@ -41,7 +41,7 @@ else
     expect=(--expect-backend gpu)
 fi
 
-if [ "$TINY" != 1 ] && ! "$PY" -c "import moka_jax.models, moka_jax.train.step, optax, tqdm" \
+if [ "$TINY" != 1 ] && ! "$PY" -c "import moka_jax.models, moka_jax.training.step, optax, tqdm" \
         2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
     echo "== installing the carried wheels into /tmp/site" | tee -a "$OUT/env.txt"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -58,7 +58,7 @@ import flax, jax, numpy, optax
 print("python", sys.version.split()[0], "| jax", jax.__version__, "| flax", flax.__version__,
       "| optax", optax.__version__, "| numpy", numpy.__version__)
 print("backend", jax.default_backend(), "| devices", jax.devices())
-import moka_jax.models, moka_jax.train.step  # noqa: E401,F401  fails here if a dep is missing
+import moka_jax.models, moka_jax.training.step  # noqa: E401,F401  fails here if a dep is missing
 print("moka_jax imports: ok")
 PYEOF
 } 2>&1 | tee -a "$OUT/env.txt"

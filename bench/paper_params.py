@@ -51,7 +51,7 @@ def linear_shapes(dims: dict) -> dict[str, tuple[int, int]]:
 
 def adapter_params(adapter, m: int, n: int) -> int:
     """Trainable parameters of one adapter config on one (m, n) layer (the gate included)."""
-    from moka_jax import shapes
+    from moka_jax.core import shapes
 
     kind = adapter.kind
     if kind == "moka":

@@ -51,12 +51,12 @@ def jax_parts(variant: str, layers: int, B: int, T: int, repeats: int) -> dict:
     from moka_jax import nn, quant
     from moka_jax.adapters import LoRAConfig, MoKAConfig
     from moka_jax.models.llama import Llama, attend, attention_mask
-    from moka_jax.train.step import TrainStep, one_example_rows, split_model, token_loss_sums
+    from moka_jax.training.step import TrainStep, one_example_rows, split_model, token_loss_sums
     from timing import median_seconds as median_time
-    from train_step import smollm2_config
+    from moka_jax.models import presets
 
     nf4 = variant == "moka_nf4"
-    c = smollm2_config(layers)
+    c = presets.smollm2(layers)
     model = Llama(c, dtype=jnp.float32, quant="nf4" if nf4 else "none", rngs=nnx.Rngs(0))
     config = MoKAConfig(r=4) if nf4 else LoRAConfig(r=16, alpha=32)
     nn.attach_adapters(model, config, rngs=nnx.Rngs(1))
@@ -205,7 +205,7 @@ def torch_profile(layers: int, B: int, T: int) -> dict:
         else:
             fam["other"] += sec
     top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
-    import machine
+    from moka_jax.support import machine
 
     return {"step_seconds": plain, "families_self_cpu_seconds": fam,
             "kernels": machine.torch_kernels(),
@@ -225,7 +225,7 @@ def main(argv=None):
     if args.torch_child:
         print(json.dumps(torch_profile(args.layers, args.batch, args.seq)))
         return
-    import machine
+    from moka_jax.support import machine
 
     res = {"bench": "profile_step", "batch": [args.batch, args.seq], "layers": args.layers,
            "machine": machine.describe(), "jax_kernels": machine.jax_kernels(), "jax": {}}

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moka_jax import shapes
+from moka_jax.core import shapes
 from moka_jax.adapters import MoKAConfig
 from moka_jax.nn import MoKADense
 from moka_jax.variables import AdapterParam

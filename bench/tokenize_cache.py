@@ -31,7 +31,7 @@ def child(config: str, reference: bool) -> dict:
     cfg = load_config(config)
     tok = D.load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     t = time.perf_counter()
-    import moka_jax.datasets_io  # noqa: F401 - imports datasets, timed apart
+    import moka_jax.data.sources  # noqa: F401 - imports datasets, timed apart
 
     out = {"import_datasets_s": time.perf_counter() - t}
     t = time.perf_counter()

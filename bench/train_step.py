@@ -30,16 +30,10 @@ from tqdm import tqdm
 
 from moka_jax import nn
 from moka_jax.adapters import LoRAConfig, MoKAConfig
-from moka_jax.models.llama import Llama, LlamaConfig
-from moka_jax.train.step import TrainStep, one_example_rows, split_model
+from moka_jax.models import presets
+from moka_jax.models.llama import Llama
+from moka_jax.training.step import TrainStep, one_example_rows, split_model
 from moka_jax.variables import AdapterParam
-
-
-def smollm2_config(layers: int) -> LlamaConfig:
-    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                       num_hidden_layers=layers, num_attention_heads=9, num_key_value_heads=3,
-                       head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
-                       max_position_embeddings=8192, tie_word_embeddings=True)
 
 
 class ProbedEmbed(nnx.Module):
@@ -57,7 +51,7 @@ class ProbedEmbed(nnx.Module):
 
 
 def build(variant: str, layers: int, dtype=jnp.float32):
-    model = Llama(smollm2_config(layers), dtype=dtype, quant="nf4", rngs=nnx.Rngs(0))
+    model = Llama(presets.smollm2(layers), dtype=dtype, quant="nf4", rngs=nnx.Rngs(0))
     if variant == "frozen":
         model.embed = ProbedEmbed(model.embed, model.config.hidden_size)
     elif variant == "lora_r16":

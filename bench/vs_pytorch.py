@@ -9,7 +9,7 @@ labels). Variants:
                      nf4 base, the trainer's TrainStep (labelled-only logits);
   - torch_qlora_nf4: the QLoRA recipe: transformers BitsAndBytesConfig(load_in_4bit, nf4,
                      compute float32) + PEFT LoraConfig(r=16, alpha=32);
-  - torch_moka_f32:  the PyTorch MoKA reference (moka_jax.torch_ref), same shapes as JAX, f32 base;
+  - torch_moka_f32:  the PyTorch MoKA reference (moka_jax.parity.torch_ref), same shapes as JAX, f32 base;
   - jax_lora_f32, torch_lora_f32: LoRA r=16 alpha=32 (moka_jax / PEFT), f32 base.
 Step time = median of --steps steps after --warmup steps (JAX compiles in the first one:
 reported apart). tokens/s there counts all batch x seq positions.
@@ -146,7 +146,7 @@ def tokenized_mix(model_dir: Path, n: int, seq: int):
 def make_batch(model_dir: Path, batch: int, seq: int) -> dict:
     """`batch` examples of the mix, padded to seq (the fixed-batch mode's one batch)."""
     from moka_jax import data as data_lib
-    from moka_jax.batching import collate, with_label_slots
+    from moka_jax.data.batching import collate, with_label_slots
 
     tok, ids, labels = tokenized_mix(model_dir, batch, seq)
     rows = data_lib.TokenizedData(ids, labels, np.zeros(batch, np.int64), DATA)
@@ -195,7 +195,7 @@ def summarise(args, variants, results, batch, model_name, at_start, epoch=None) 
     def first(key):
         return next((r[key] for r in ok.values() if key in r), None)
 
-    import machine
+    from moka_jax.support import machine
 
     res = {
         "bench": "vs_pytorch", "model": model_name, "batch": [args.batch, args.seq],
@@ -301,9 +301,9 @@ def main(argv=None) -> int:
         elif args.model_dir:
             model_dir, model_name = args.model_dir.resolve(), str(args.model_dir)
         else:
-            from moka_jax.models.gguf import ensure_smollm2
+            from moka_jax.models.source import resolve_dir
 
-            model_dir, model_name = ensure_smollm2(), "SmolLM2-135M-Instruct"
+            model_dir, model_name = resolve_dir("smollm2"), "SmolLM2-135M-Instruct"
         from moka_jax.data import DataError
 
         try:
@@ -407,21 +407,17 @@ class JaxRunner:
         import optax
         from flax import nnx
 
-        from moka_jax import nn
-        from moka_jax.adapters import LoRAConfig, MoKAConfig
-        from moka_jax.models.hf import load_hf
-        from moka_jax.train.step import TrainStep, split_model
-
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import machine
+        import moka_jax as mj
+        from moka_jax.support import machine
+        from moka_jax.training.step import TrainStep, split_model
 
         _, adapter, base = VARIANTS[variant]
-        model, _ = load_hf(spec["model_dir"], quant="nf4" if base == "nf4" else "none",
+        model, _ = mj.load(spec["model_dir"], quant="nf4" if base == "nf4" else "none",
                            dtype=jnp.float32)
-        config = (MoKAConfig(r=MOKA_R) if adapter == "moka"
-                  else LoRAConfig(r=LORA_R, alpha=LORA_ALPHA))
-        nn.attach_adapters(model, config, rngs=nnx.Rngs(SEED))
-        n_params = nn.count_params(model)
+        config = (mj.MoKAConfig(r=MOKA_R) if adapter == "moka"
+                  else mj.LoRAConfig(r=LORA_R, alpha=LORA_ALPHA))
+        mj.attach_adapters(model, config, rngs=nnx.Rngs(SEED))
+        n_params = mj.count_params(model)
         graphdef, params, self.frozen = split_model(model)
         del model
         self.tx = optax.adamw(ADAMW["lr"], ADAMW["b1"], ADAMW["b2"], ADAMW["eps"],
@@ -437,7 +433,7 @@ class JaxRunner:
     def prepare(self, host: dict) -> dict:
         import jax.numpy as jnp
 
-        from moka_jax.train.step import step_inputs
+        from moka_jax.training.step import step_inputs
 
         return {k: jnp.asarray(v[None]) for k, v in step_inputs(host).items()}  # 1 micro-batch
 
@@ -459,7 +455,7 @@ class JaxRunner:
 
     def epoch_batches(self, examples: dict, spec: dict) -> list[dict]:
         """The trainer's packed batches (rows of spec["seq"] tokens), examples in their order."""
-        from moka_jax.batching import BatchIterator
+        from moka_jax.data.batching import BatchIterator
         from moka_jax.data import TokenizedData
 
         n = len(examples["input_ids"])
@@ -480,8 +476,7 @@ class TorchRunner:
         import torch
         import transformers
 
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import machine
+        from moka_jax.support import machine
 
         torch.set_num_threads(os.cpu_count())
         torch.manual_seed(SEED)
@@ -508,7 +503,9 @@ class TorchRunner:
         self.model, self.torch = model, torch
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = self._optimizer()
-        self.loss_fn = _standalone("compare").torch_loss
+        from moka_jax.parity.compare import torch_loss
+
+        self.loss_fn = torch_loss
         self.info = {"trainable_params": sum(p.numel() for p in self.params),
                      "torch_threads": torch.get_num_threads(),
                      "attn_implementation": model.config._attn_implementation,
@@ -553,19 +550,11 @@ class TorchRunner:
         return 0
 
 
-def _standalone(name: str):
-    """moka_jax/<name>.py without the package __init__, which imports jax (~160 MB of RSS that
-    would be billed to a torch variant)."""
-    pkg = importlib.util.find_spec("moka_jax").submodule_search_locations[0]
-    spec = importlib.util.spec_from_file_location(f"_moka_jax_{name}", Path(pkg) / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def torch_moka(model, plan: dict):
-    """Wrap each nn.Linear of the plan in AdaptedLinear(base, TorchMoKA) with its shapes."""
-    torch_ref = _standalone("torch_ref")
+    """Wrap each nn.Linear of the plan in AdaptedLinear(base, TorchMoKA) with its shapes.
+    (`import moka_jax` imports no jax, so a torch variant's RSS holds none of it.)"""
+    from moka_jax.parity import torch_ref
+
     model.requires_grad_(False)
     for name, shapes in plan["layers"].items():
         parent_name, _, child = name.rpartition(".")

@@ -35,7 +35,7 @@ def child(steps: int, layers: int, rows: int, seq: int, labelled: int, dtype: st
     import numpy as np
     import optax
 
-    from moka_jax.train.step import TrainStep, one_example_rows, split_model
+    from moka_jax.training.step import TrainStep, one_example_rows, split_model
     from train_step import build
 
     from timing import median_seconds
@@ -81,7 +81,7 @@ def main(argv=None):
     if args.child:
         print(json.dumps(child(*shape)))
         return
-    import machine
+    from moka_jax.support import machine
 
     res = {"bench": "xla_flags", "machine": machine.describe(), "rows_seq": [args.rows, args.seq],
            "layers": args.layers, "sets": {}}

@@ -1,31 +1,62 @@
-"""moka-jax: Mixture of Kronecker Adapters for 4-bit LLaMA-family models in JAX / Flax NNX."""
+"""moka-jax: Mixture of Kronecker Adapters for 4-bit LLaMA-family models in JAX / Flax NNX.
 
-from moka_jax.adapters import (
-    DoRAConfig,
-    LoRAConfig,
-    MoKAConfig,
-    MoKAsConfig,
-    adapter_config_from_dict,
-    adapter_config_to_dict,
-)
-from moka_jax.api import load, merge, save_adapter, summary
-from moka_jax.kron import kron_apply, kron_materialize
-from moka_jax.nn import (
-    DEFAULT_TARGETS,
-    Linear,
-    MoKADense,
-    adapter_state,
-    attach_adapters,
-    count_params,
-)
-from moka_jax.quant import QuantizedWeight, dequantize, quantize
-from moka_jax.shapes import plan_moka_shapes, plan_mokas_primes
-from moka_jax.variables import AdapterParam, FrozenWeight
+    import moka_jax as mj
+    cfg = mj.load_config("configs/tiny-debug.yaml", ["train.steps=20"])
+    summary = mj.train(cfg)                                  # plan, then the training loop
+    model, tok = mj.load("random", adapter=summary["adapter_dir"])
+    mj.summary(model)
 
-__all__ = [
-    "AdapterParam", "DEFAULT_TARGETS", "DoRAConfig", "FrozenWeight", "Linear", "LoRAConfig",
-    "MoKAConfig", "MoKADense", "MoKAsConfig", "QuantizedWeight", "adapter_config_from_dict",
-    "adapter_config_to_dict", "adapter_state", "attach_adapters", "count_params", "dequantize",
-    "kron_apply", "kron_materialize", "load", "merge", "plan_moka_shapes", "plan_mokas_primes",
-    "quantize", "save_adapter", "summary",
-]
+The names below are imported when first used (module __getattr__), so `import moka_jax` does
+not import JAX: a tool that only reads a config or a report starts light.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "AdapterParam": "moka_jax.variables",
+    "FrozenWeight": "moka_jax.variables",
+    "DoRAConfig": "moka_jax.adapters",
+    "LoRAConfig": "moka_jax.adapters",
+    "MoKAConfig": "moka_jax.adapters",
+    "MoKAsConfig": "moka_jax.adapters",
+    "adapter_config_from_dict": "moka_jax.adapters",
+    "adapter_config_to_dict": "moka_jax.adapters",
+    "kron_apply": "moka_jax.core.kron",
+    "kron_materialize": "moka_jax.core.kron",
+    "plan_moka_shapes": "moka_jax.core.shapes",
+    "plan_mokas_primes": "moka_jax.core.shapes",
+    "QuantizedWeight": "moka_jax.quant",
+    "dequantize": "moka_jax.quant",
+    "quantize": "moka_jax.quant",
+    "DEFAULT_TARGETS": "moka_jax.nn",
+    "Linear": "moka_jax.nn",
+    "MoKADense": "moka_jax.nn",
+    "adapter_state": "moka_jax.nn",
+    "attach_adapters": "moka_jax.nn",
+    "count_params": "moka_jax.nn",
+    "Config": "moka_jax.config",
+    "load_config": "moka_jax.config",
+    "load": "moka_jax.api",
+    "merge": "moka_jax.api",
+    "save_adapter": "moka_jax.api",
+    "summary": "moka_jax.api",
+    "train": "moka_jax.training.run",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moka_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_EXPORTS})

@@ -1,5 +1,8 @@
 """The one-call API: load a base (+ adapter), save an adapter, merge, summarise.
 
+It sits above io and below training, evaluation and the commands, so every one of them loads
+through the same `load`.
+
     model, tok = moka_jax.load("smollm2", adapter="runs/x/adapter", quant="nf4")
     moka_jax.summary(model)                       # trainable / total / % per kind and target
     moka_jax.save_adapter(model, "out/", format="peft")
@@ -13,91 +16,96 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from moka_jax import nn, quant as quant_lib
+from moka_jax import nn
+from moka_jax import quant as quant_lib
 from moka_jax.adapters import adapter_config_to_dict
+from moka_jax.models.llama import Llama
 
 
-def _tiny_model(tiny: dict | None, quant: str, dtype, block_size: int, double_quant: bool):
-    from moka_jax.config import Config, ModelConfig, TinyModelConfig
-    from moka_jax.train.loop import build_base_model
-
-    dtype_name = {np.dtype("float32"): "float32"}.get(np.dtype(dtype), "bfloat16")
-    cfg = Config(model=ModelConfig(path="random", tokenizer="bytes", quant=quant,
-                                   block_size=block_size, double_quant=double_quant,
-                                   dtype=dtype_name, tiny=TinyModelConfig(**(tiny or {}))))
-    return build_base_model(cfg, None)[0]
+# The random base is seeded apart from any adapter seed: changing the adapter init seed must not
+# change the "pretrained" model.
+RANDOM_BASE_SEED = 1234
 
 
 def load(base, adapter=None, quant: str | None = "nf4", dtype=None, *, tokenizer=None,
-         seed: int = 0):
+         seed: int = 0, block_size: int | None = None, double_quant: bool | None = None,
+         remat: bool = False, tiny: dict | None = None, progress: bool = False):
     """(model, tokenizer), ready to generate, score or train (the adapter stays trainable).
 
+    The one loader of base + adapter + tokenizer: training, evaluation, generation, export,
+    the lm-eval harness and the benches all come here.
+
     base: "smollm2" (the embedded SmolLM2-135M-Instruct), a Hugging Face directory, a
-    `moka_jax.convert` directory (keeps its own quantisation), or "random" (the tiny random
-    LLaMA of configs/tiny-debug.yaml; with an adapter trained on it, that adapter's one).
+    `moka-convert` directory (keeps its own quantisation), or "random" (the tiny random
+    LLaMA of models.presets.tiny; with an adapter trained on it, that adapter's one); or a
+    config's `model` section (config.ModelConfig), which then gives the path, quant, dtype,
+    tokenizer (unless one is passed), 4-bit layout, remat and tiny dimensions.
     adapter: a moka-jax adapter directory, an orbax adapter tree or a PEFT LoRA / DoRA
     directory; its base, targets and shapes are checked before the weights are read.
     quant: "nf4" | "int4" | "none", or None for the quantisation the adapter was trained on.
     dtype: compute dtype (default float32 on CPU, bfloat16 on accelerators).
-    tokenizer: None (the base's own; the byte tokenizer for "random"), "bytes", "smollm2" or
-    a directory. None is returned when the base directory has no tokenizer files.
+    tokenizer: None (the base's own; the byte tokenizer for "random"), "bytes", "smollm2", a
+    directory, or a loaded tokenizer (returned as is). None is returned when the base
+    directory has no tokenizer files.
+    block_size, double_quant: the 4-bit layout (default: the adapter's, else 64 and False).
+    remat: rematerialise each decoder layer in the backward pass (training).
+    tiny: the random model's dimensions (models.presets.TINY names; default: the adapter's).
     """
-    from moka_jax import adapter_io
-    from moka_jax.data import load_tokenizer
-    from moka_jax.eval import loading
+    from moka_jax.config import ModelConfig, resolve_path
+    from moka_jax.data.records import load_tokenizer
+    from moka_jax.io import adapter_io, attach
+    from moka_jax.models import presets
     from moka_jax.models.hf import default_dtype, load_hf, read_config
+    from moka_jax.models.source import KEYWORDS, resolve
 
+    if isinstance(base, ModelConfig):
+        mc = base
+        base = mc.path if mc.path in KEYWORDS else resolve_path(mc.path)
+        quant, dtype, remat = mc.quant, jnp.dtype(mc.dtype), mc.remat
+        block_size, double_quant = mc.block_size, mc.double_quant
+        tokenizer = mc.tokenizer if tokenizer is None else tokenizer
+        tiny = dataclasses.asdict(mc.tiny)
     if quant not in (None, "none", *quant_lib.QUANT_KINDS):
         raise ValueError(f"quant={quant!r}; choose None (the adapter's), 'none' or one of "
                          f"{quant_lib.QUANT_KINDS}")
     dtype = dtype or default_dtype()
-    meta, config = None, None
-    path = None if str(base) == "random" else loading.resolve_model(base)
-    if path is not None and not _is_converted(path):
-        config = read_config(path)
-    if adapter is not None:
-        meta = adapter_io.read_meta(adapter, config)
+    source = resolve(base)
+    config = read_config(source.path) if source.kind == "hf" else None
+    meta = None if adapter is None else adapter_io.read_meta(adapter, config)
     trained = (meta or {}).get("base") or {}
+    if tokenizer is None:  # loaded before the weights: a bad tokenizer fails fast
+        tokenizer = "bytes" if source.kind == "random" else (
+            str(source.path) if source.has_tokenizer else None)
+    if isinstance(tokenizer, str | Path):
+        tokenizer = load_tokenizer(str(tokenizer))
     q = quant or trained.get("quant") or "nf4"
-    block_size = trained.get("block_size", 64)
-    double_quant = trained.get("double_quant", False)
-    if path is None:
-        model = _tiny_model(trained.get("tiny"), q, dtype, block_size, double_quant)
-        tok_spec = tokenizer or "bytes"
-    elif _is_converted(path):
-        from moka_jax.convert import load_converted
-        model, _ = load_converted(path)
-        tok_spec = tokenizer or (str(path) if _has_tokenizer(path) else None)
+    block_size = block_size or trained.get("block_size", 64)
+    double_quant = trained.get("double_quant", False) if double_quant is None else double_quant
+    if source.kind == "random":
+        tiny = {**presets.TINY, **(tiny or trained.get("tiny") or {})}
+        model = Llama(presets.tiny(**tiny), dtype=dtype, quant=q, block_size=block_size,
+                      double_quant=double_quant, remat=remat, rngs=nnx.Rngs(RANDOM_BASE_SEED))
+    elif source.kind == "converted":
+        from moka_jax.models.convert import load_converted
+        model, _ = load_converted(source.path, remat=remat)
     else:
         if meta is not None:
-            loading.check_adapter_base(meta, path, q)
-            loading.precheck_adapter_shapes(config, meta, adapter)
-        model, _ = load_hf(path, q, dtype=dtype, block_size=block_size,
-                           double_quant=double_quant)
-        tok_spec = tokenizer or (str(path) if _has_tokenizer(path) else None)
+            attach.check_adapter_base(meta, source.path, q)
+            attach.precheck_adapter_shapes(config, meta, adapter)
+        model, _ = load_hf(source.path, q, dtype=dtype, block_size=block_size,
+                           double_quant=double_quant, remat=remat, progress=progress)
     if adapter is not None:
-        loading.attach_exported_adapter(model, adapter, seed=seed)
-    tiny = None
-    if path is None:
-        from moka_jax.config import TinyModelConfig
-        tiny = trained.get("tiny") or dataclasses.asdict(TinyModelConfig())
+        attach.attach_exported_adapter(model, adapter, seed=seed)
     # Static (hashable) model data: what save_adapter records as the adapter's base.
-    model.moka_base = json.dumps({"path": "random" if path is None else str(path), "quant": q,
-                                  "block_size": block_size, "double_quant": double_quant,
-                                  "tiny": tiny})
-    return model, (None if tok_spec is None else load_tokenizer(tok_spec))
-
-
-def _is_converted(path) -> bool:
-    from moka_jax.convert import is_converted
-    return is_converted(path)
-
-
-def _has_tokenizer(path) -> bool:
-    return any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer.model",
-                                                     "tokenizer_config.json"))
+    model.moka_base = json.dumps({"path": "random" if source.path is None else str(source.path),
+                                  "quant": q, "block_size": block_size,
+                                  "double_quant": double_quant,
+                                  "tiny": tiny if source.kind == "random" else None})
+    return model, tokenizer
 
 
 def base_info(model) -> dict:
@@ -127,8 +135,8 @@ def save_adapter(model, out_dir, *, format: str = "safetensors", base: dict | No
                  overwrite: bool = False) -> Path:
     """Write the model's adapter: "safetensors" (moka-jax's own, what eval / export / load
     read), "orbax" (the adapter tree as an orbax checkpoint; on a multi-host run call it on
-    every process) or "peft" (a PEFT directory, see moka_jax.peft_io)."""
-    from moka_jax import adapter_io
+    every process) or "peft" (a PEFT directory, see moka_jax.io.peft_io)."""
+    from moka_jax.io import adapter_io
 
     specs = _attached(model)
     if format != "peft" and len(specs) != 1:
@@ -143,7 +151,7 @@ def save_adapter(model, out_dir, *, format: str = "safetensors", base: dict | No
 
 def merge(model, requantize: str | None = None):
     """A copy with every adapter folded into its dequantised base (dense, or re-quantised)."""
-    from moka_jax.export import merge_model
+    from moka_jax.io.export import merge_model
     return merge_model(model, requantize=requantize)
 
 
@@ -158,7 +166,7 @@ def summary(model, *, print_fn=print) -> dict:
         if layer.adapter is None:
             continue
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
-            nn.nnx.state(layer.adapter, nn.AdapterParam)))
+            nnx.state(layer.adapter, nn.AdapterParam)))
         key = (type(layer.adapter).__name__, path.rsplit("/", 1)[-1])
         row = rows.setdefault(key, {"kind": key[0], "target": key[1], "layers": 0,
                                     "trainable": 0})

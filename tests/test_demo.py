@@ -8,8 +8,9 @@ import pytest
 import demo
 from moka_jax.config import load_config
 from moka_jax.data import load_tokenizer
-from moka_jax.eval import attach_exported_adapter, evaluate_tasks, load_tasks
-from moka_jax.train.loop import build_base_model
+from moka_jax.eval import evaluate_tasks, load_tasks
+from moka_jax.io.attach import attach_exported_adapter
+from moka_jax.api import load
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ["boolq", "winogrande"]
@@ -36,7 +37,7 @@ def test_demo_before_is_the_base_and_after_is_the_exported_adapter(run):
     assert res["steps_run"] == 3 and len(res["before"]) == len(TASKS)
     tasks = load_tasks(REPO / "data" / "commonsense", TASKS, limit=3)
     tok = load_tokenizer("bytes")
-    base, _ = build_base_model(cfg, None)
+    base, _ = load(cfg.model)
     plain = evaluate_tasks(base, tok, tasks, progress=False)
     np.testing.assert_allclose(scores(res["before"]), scores(plain), rtol=1e-5, atol=1e-5)
     attach_exported_adapter(base, res["adapter_dir"])

@@ -1,13 +1,13 @@
 """Reliability: the bad inputs of issue 13, each as the class of inputs it stands for.
 
 Where each class is covered:
-- value domains of every option (config, API, CLIs)          tests/test_domains.py
-- named errors for truncated / random-bytes / misplaced files tests/test_files.py
-- safe outputs: never over an input / someone's files         tests/test_outputs.py
-- validation before weights, exit status 2                    tests/test_validate.py
-- checkpoint damage, fallback, nothing deleted                tests/train/test_checkpoint.py
-- metrics never hold a step twice                             tests/train/test_metrics.py
-- kill -9 at a random step, then resume                       tests/train/test_train.py
+- value domains of every option (config, API, CLIs)          tests/support/test_domains.py
+- named errors for truncated / random-bytes / misplaced files tests/support/test_files.py
+- safe outputs: never over an input / someone's files         tests/support/test_outputs.py
+- validation before weights, exit status 2                    tests/training/test_plan.py
+- checkpoint damage, fallback, nothing deleted                tests/training/test_checkpoint.py
+- metrics never hold a step twice                             tests/training/test_metrics.py
+- kill -9 at a random step, then resume                       tests/training/test_train.py
 This file holds the public-API cases and the issue's own list, one test per item.
 """
 

@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from moka_jax.kron import accumulation_dtype
+from moka_jax.core.kron import accumulation_dtype
 
 
 def kaiming_uniform(key, shape, fan_in: int, dtype=jnp.float32):

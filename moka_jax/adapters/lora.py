@@ -9,8 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moka_jax.adapters.init import add_in_f32, kaiming_uniform
-from moka_jax.domains import COUNT, POSITIVE, check_fields, domain
-from moka_jax.kron import accumulation_dtype
+from moka_jax.support.domains import COUNT, POSITIVE, check_fields, domain
+from moka_jax.core.kron import accumulation_dtype
 from moka_jax.variables import AdapterParam
 
 

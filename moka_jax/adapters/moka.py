@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moka_jax import kron, shapes as shapes_lib
+from moka_jax.core import kron, shapes as shapes_lib
 from moka_jax.adapters.init import add_in_f32, kaiming_uniform
-from moka_jax.domains import COUNT, POSITIVE, check_fields, domain
+from moka_jax.support.domains import COUNT, POSITIVE, check_fields, domain
 from moka_jax.variables import AdapterParam
 
 # From bench/scale_sweep.py (2026-11-28, CPU): teacher-student fit of one 576x576 layer,
@@ -128,7 +128,7 @@ class MoKAs(nnx.Module):
         alpha = self.alpha() * self.scale
         acc = kron.accumulation_dtype(x.dtype)
         # Each component's copy of x comes from one f32 x, so autodiff sums their cotangents
-        # in f32 (as kron_schedule.batched does); alpha is folded into C in f32.
+        # in f32 (as core.schedules.batched does); alpha is folded into C in f32.
         x_acc = x.astype(acc)
         y = None
         for i, c in enumerate(self.c):
@@ -159,7 +159,7 @@ class MoKAConfig:
     shapes: one list of ((ma, na), (mb, nb)) for every layer, or {"MxN": list} per weight dims.
 
     exact: the planner keeps to exact factorisations PEFT LoKr can build, so the adapter
-    exports to PEFT (`moka_jax.peft_io`); explicit shapes are used as given.
+    exports to PEFT (`moka_jax.io.peft_io`); explicit shapes are used as given.
     """
 
     r: int = dataclasses.field(default=10, metadata=domain(COUNT))

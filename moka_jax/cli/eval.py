@@ -2,6 +2,7 @@
 
     moka-eval --model smollm2 --mode choice --limit 50            # 8 commonsense tasks
     moka-eval --model smollm2 --adapter runs/x/adapter --mode generate --tasks boolq piqa
+    moka-eval --model smollm2 --mode zeroshot --limit 20          # lm-eval-style acc / acc_norm
     moka-eval --model smollm2 --perplexity data/instruct/dolly_open_qa/train.json --limit 200
     moka-eval --model smollm2 --mmlu --shots 5 --limit 10         # 10 val questions / subject
 
@@ -15,6 +16,9 @@ tokenise unlike any training prompt). --mode generate: <= 32 new tokens, first r
 the task's answer pattern (the share that parses is reported per task), greedy by default;
 --beams 4 is LLM-Adapters' setting (beam search as transformers' generate(num_beams=4), about 4x
 the decode cost). --mode choice ranks the task's candidate answers by summed token log-prob.
+--mode zeroshot asks no instruction: each option's own text is scored after the task's
+lm-evaluation-harness prompt ("Question: ...\nAnswer:" ...), acc and length-normalised acc_norm
+as lm-eval computes them (eval.zeroshot; --template does not apply).
 """
 
 from __future__ import annotations
@@ -29,17 +33,20 @@ from moka_jax.config import REPO_ROOT as REPO
 
 
 def parse_args(argv=None):
-    from moka_jax.domains import COUNT, NON_NEGATIVE, arg
+    from moka_jax.support.domains import COUNT, NON_NEGATIVE, arg
     from moka_jax.eval.commonsense import PROMPT_TEMPLATES, TASKS
 
     ap = argparse.ArgumentParser(prog="moka-eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2", help="smollm2 | HF directory")
+    ap.add_argument("--model", default="smollm2",
+                    help="smollm2 | HF directory | converted directory | random")
     ap.add_argument("--quant", default="none", choices=("nf4", "int4", "none"),
                     help="base weights (default none: on CPU 4-bit matmuls are much slower)")
     ap.add_argument("--adapter", default=None, help="adapter directory (moka-jax, orbax or "
                     "PEFT LoRA / DoRA); its base / targets / shapes are checked first")
-    ap.add_argument("--mode", default="choice", choices=("choice", "generate"))
+    ap.add_argument("--mode", default="choice", choices=("choice", "generate", "zeroshot"),
+                    help="choice: rank the answer labels after the training prompt; generate: "
+                         "decode and parse; zeroshot: lm-eval-style, rank the options' texts")
     ap.add_argument("--tasks", nargs="+", default=list(TASKS),
                     help=f"default: all of {list(TASKS)}")
     ap.add_argument("--data-dir", default=str(REPO / "data" / "commonsense"),
@@ -72,16 +79,22 @@ def parse_args(argv=None):
         ap.error("--template llm-adapters-eval applies to commonsense evaluation only")
     if args.beams != 1 and (args.mode != "generate" or args.perplexity or args.mmlu):
         ap.error("--beams applies to --mode generate only")
+    if args.template is not None and args.mode == "zeroshot" and not (args.perplexity or args.mmlu):
+        ap.error("--template does not apply to --mode zeroshot (lm-eval's own task prompts)")
     return args
 
 
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
+    import jax.numpy as jnp
+
+    from moka_jax.api import load
+    from moka_jax.cli.errors import user_errors
     from moka_jax.eval import commonsense as cs
-    from moka_jax.eval.loading import load_eval_model
-    from moka_jax.outputs import check_output_file, write_file_atomic
-    from moka_jax.validate import user_errors
+    from moka_jax.models.source import resolve
+    from moka_jax.support.files import check_tokenizer_dir
+    from moka_jax.support.outputs import check_output_file, write_file_atomic
 
     try:
         tasks = None
@@ -95,8 +108,17 @@ def main(argv=None) -> int:
             load_records(args.perplexity, "alpaca", args.limit)
         elif not args.mmlu:
             tasks = cs.load_tasks(args.data_dir, args.tasks, args.limit)
+            if args.mode == "zeroshot":  # every record parses into lm-eval's fields
+                from moka_jax.eval.zeroshot import parse_task
+                for t, recs in tasks.items():
+                    parse_task(t, recs)
+        source = resolve(args.model)
+        if source.path is not None:
+            check_tokenizer_dir(source.path)  # before the weights, not after them
         t0 = time.perf_counter()
-        model, config, tok = load_eval_model(args.model, args.quant, args.adapter, seed=args.seed)
+        model, tok = load(args.model, args.adapter, quant=args.quant, dtype=jnp.float32,
+                          seed=args.seed, progress=True)
+        config = model.config
         args.template = args.template or training_template(args.adapter)
         report = run(args, model, config, tok, tasks)
     except (*user_errors(), ValueError, FileNotFoundError) as e:
@@ -113,7 +135,7 @@ def main(argv=None) -> int:
 def training_template(adapter) -> str:
     """The data.template an exported adapter was trained with (alpaca when unrecorded)."""
     from moka_jax.eval.commonsense import DEFAULT_TEMPLATE
-    from moka_jax.train.checkpoint import read_adapter_meta
+    from moka_jax.io.adapter_format import read_adapter_meta
 
     if adapter is None:
         return DEFAULT_TEMPLATE
@@ -137,7 +159,12 @@ def run(args, model, config, tok, tasks) -> dict:
                           max_len=config.max_position_embeddings)
         print(mmlu_table(r))
         return {"mode": "mmlu", **r}
-    from moka_jax.generate import eos_ids
+    if args.mode == "zeroshot":
+        from moka_jax.eval.zeroshot import evaluate_zeroshot, zeroshot_table
+        r = evaluate_zeroshot(model, tok, tasks, batch_size=args.batch_size)
+        print(zeroshot_table(r))
+        return {"mode": "zeroshot", **r}
+    from moka_jax.eval.generate import eos_ids
     template = args.template or cs.DEFAULT_TEMPLATE
     kw = {} if args.mode == "choice" else {"eos_token_ids": eos_ids(config, tok),
                                            "max_new_tokens": args.max_new_tokens,

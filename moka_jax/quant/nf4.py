@@ -58,6 +58,21 @@ def quantize_nf4(w, block_size: int):
     return packed, absmax
 
 
+def quantize_nf4_on_device(w_OI, block_size: int):
+    """jnp twin of quantize_nf4 (same rule, bit for bit), for weights made on an accelerator:
+    (packed_OH, absmax_OB), no host copy of the full-precision weight."""
+    n_out, n_in = w_OI.shape
+    x_OBK = w_OI.astype(jnp.float32).reshape(n_out, n_in // block_size, block_size)
+    absmax_OB = jnp.abs(x_OBK).max(axis=-1)
+    # bnb's 1 / max(absmax, 1e-38). XLA flushes subnormals such as 1e-38 to zero, so the
+    # floor's reciprocal is taken on the host (else an all-zero block gets 0 * inf = NaN).
+    inv_OB = jnp.where(absmax_OB > 0, jnp.float32(1) / absmax_OB,
+                       np.float32(1) / _ABSMAX_FLOOR)
+    x_OBK = jnp.clip(x_OBK * inv_OB[..., None], -1, 1)
+    codes_OBK = sum((x_OBK > mid).astype(jnp.uint8) for mid in NF4_MIDPOINTS)
+    return pack_nibbles(codes_OBK.reshape(n_out, n_in)), absmax_OB
+
+
 def dequantize_nf4(packed_OH, absmax_OB, dtype=jnp.float32):
     """jnp: table lookup of the unpacked nibbles times the broadcast absmax, in f32 then cast."""
     n_out, n_blocks = absmax_OB.shape

@@ -9,7 +9,8 @@ import pytest
 import torch
 from flax import nnx
 
-from moka_jax import nn, torch_ref
+from moka_jax import nn
+from moka_jax.parity import torch_ref
 from moka_jax.adapters import MoKAConfig, MoKAsConfig
 from moka_jax.nn import MoKADense, count_params
 

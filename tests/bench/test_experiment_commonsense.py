@@ -158,9 +158,9 @@ def test_report_only_and_documented_merge_command(sweep, capsys):
     assert "| stale |" not in text and out["chosen_lr"] == {"lora-r16": out["chosen_lr"]["lora-r16"],
                                                             "moka": out["chosen_lr"]["moka"]}
     # the merge command RESULTS.md documents, run as written (from RESULTS.md's folder)
-    cmd = next(line.strip() for line in text.splitlines() if "moka_jax.export" in line)
-    assert cmd.startswith("python -m moka_jax.export --model random --adapter ")
-    from moka_jax.export import main as export_main
+    cmd = next(line.strip() for line in text.splitlines() if "moka_jax.cli.export" in line)
+    assert cmd.startswith("python -m moka_jax.cli.export --model random --adapter ")
+    from moka_jax.cli.export import main as export_main
     argv = cmd.split()[3:]
     import os
     cwd = os.getcwd()

@@ -23,7 +23,7 @@ def test_the_commands_the_issue_promised_are_declared():
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_entry_point_help(name, capsys, monkeypatch):
     module, func = SCRIPTS[name].split(":")
-    if module == "moka_jax.harness":
+    if module == "moka_jax.eval.lm_eval":
         pytest.importorskip("lm_eval")
     main = getattr(importlib.import_module(module), func)
     monkeypatch.setattr(sys, "argv", [name, "--help"])  # how a console script calls main()

@@ -9,7 +9,7 @@ import pytest
 
 from moka_jax.data import DataError
 from moka_jax.eval import commonsense as cs
-from moka_jax.eval.loading import (AdapterMismatch, attach_exported_adapter, check_adapter_base,
+from moka_jax.io.attach import (AdapterMismatch, attach_exported_adapter, check_adapter_base,
                                    precheck_adapter_shapes)
 from tests.eval import ref_logprobs, tiny_config, tiny_model
 
@@ -96,7 +96,7 @@ def test_generate_batched_equals_unbatched(model, tok):
 
 
 def test_generate_short_last_batch_is_filled_to_the_compiled_shape(model, tok, monkeypatch):
-    import moka_jax.generate as gen
+    import moka_jax.eval.generate as gen
 
     rows, real = [], gen.generate
     monkeypatch.setattr(gen, "generate", lambda m, ids, *a, **k: rows.append(len(ids))
@@ -152,20 +152,20 @@ def export_adapter(tmp_path, targets=r"(q_proj|v_proj)$", base=None):
 
     from moka_jax import nn
     from moka_jax.adapters import LoRAConfig, adapter_config_to_dict
-    from moka_jax.train.checkpoint import save_adapter
+    from moka_jax.io.adapter_format import write_adapter
 
     m = tiny_model()
     cfg = LoRAConfig(r=2, alpha=4)
     nn.attach_adapters(m, cfg, targets, rngs=nnx.Rngs(0))
     state = nn.adapter_state(m)
     state = nnx.to_pure_dict(state)
-    return save_adapter(tmp_path / "adapter", state, adapter_config=adapter_config_to_dict(cfg),
-                        targets=targets, base=base or {"path": "x", "quant": "none",
-                                                       "tiny": None}, overwrite=True)
+    return write_adapter(tmp_path / "adapter", state, adapter_config=adapter_config_to_dict(cfg),
+                         targets=targets, base=base or {"path": "x", "quant": "none",
+                                                        "tiny": None}, overwrite=True)
 
 
 def test_adapter_roundtrip_and_shape_mismatch(tmp_path):
-    from moka_jax.train.checkpoint import read_adapter_meta
+    from moka_jax.io.adapter_format import read_adapter_meta
 
     adir = export_adapter(tmp_path)
     paths = attach_exported_adapter(tiny_model(seed=1), adir)
@@ -179,7 +179,7 @@ def test_adapter_roundtrip_and_shape_mismatch(tmp_path):
 
 def test_eval_prompts_in_the_adapters_training_template(tmp_path):
     from moka_jax.cli import eval as eval_cli
-    from moka_jax.train.checkpoint import read_adapter_meta
+    from moka_jax.io.adapter_format import read_adapter_meta
 
     adir = export_adapter(tmp_path)
     assert "data" not in read_adapter_meta(adir) and eval_cli.training_template(adir) == "alpaca"
@@ -195,7 +195,7 @@ def test_eval_prompts_in_the_adapters_training_template(tmp_path):
 
 def test_adapter_targets_matching_nothing(tmp_path):
     adir = export_adapter(tmp_path, targets=r"layers/1/attn/q_proj$")
-    from moka_jax.train.checkpoint import read_adapter_meta
+    from moka_jax.io.adapter_format import read_adapter_meta
 
     meta = read_adapter_meta(adir)
     meta["targets"] = r"layers/7/attn/q_proj$"

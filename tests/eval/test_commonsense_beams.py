@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from moka_jax.eval import commonsense as cs
-from moka_jax.generate import beam_search
+from moka_jax.eval.generate import beam_search
 
 PROMPTS = ["Q: sky?\nA:", "Q: is the sea wet?\nA:", "Hi"]
 

@@ -42,9 +42,9 @@ def test_wrong_format_names_file_and_field(tmp_path):
 
 def test_response_scores_per_example_and_greedy_flag_matches_greedy_decoding():
     """Per-example NLL equals the hand sum; "greedy" is True exactly when greedy decoding
-    from the prompt reproduces the response (checked against moka_jax.generate)."""
+    from the prompt reproduces the response (checked against moka_jax.eval.generate)."""
     from moka_jax.eval.perplexity import response_scores
-    from moka_jax.generate import generate
+    from moka_jax.eval.generate import generate
 
     model = tiny_model()
     prompts = [[1, 70, 71, 72], [1, 80, 81], [1, 90, 91, 92, 93, 94]]

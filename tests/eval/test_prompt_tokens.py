@@ -48,7 +48,7 @@ def training_prompts(tok, records, template):
 
 def fed_to_generate(monkeypatch, tok, records, template):
     """The unpadded token rows evaluate_generate passes to generate(), one per record."""
-    import moka_jax.generate as gen
+    import moka_jax.eval.generate as gen
 
     rows = []
 

@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
+from moka_jax.cli import gguf as gguf_cli  # noqa: E402
 from moka_jax.models import gguf as gguf_convert  # noqa: E402
 
 PROMPT = "The quick brown fox jumps over the lazy dog. 12345"
@@ -123,7 +124,7 @@ def test_second_ensure_does_no_work(smollm2_dir, monkeypatch):
 def test_cli_prints_cached_dir(smollm2_dir, monkeypatch, capsys):
     monkeypatch.setenv("MOKA_CACHE", str(smollm2_dir.parent))
     monkeypatch.setattr(gguf_convert, "gguf_to_hf", _must_not_convert)
-    assert gguf_convert.main([]) == 0
+    assert gguf_cli.main([]) == 0
     assert capsys.readouterr().out.strip() == str(smollm2_dir)
 
 

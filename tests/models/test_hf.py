@@ -11,7 +11,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from moka_jax.adapters import MoKAConfig
-from moka_jax.convert import convert, load_converted
+from moka_jax.models.convert import convert, load_converted
 from moka_jax.models.hf import CheckpointError, load_hf, node_at, save_hf
 from moka_jax.nn import attach_adapters
 from moka_jax.quant import QuantizedWeight

@@ -210,7 +210,7 @@ def test_nf4_bf16_model_matches_its_f32_twin():
 
 
 def test_select_token_greedy_and_nucleus():
-    from moka_jax.generate import select_token
+    from moka_jax.eval.generate import select_token
 
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 4000))
     keys = jax.random.key(0)
@@ -225,7 +225,7 @@ def test_select_token_greedy_and_nucleus():
 
 
 def test_generate_samples_reproducibly_and_stops_at_eos():
-    from moka_jax.generate import generate
+    from moka_jax.eval.generate import generate
 
     model = Llama(tiny_config(), rngs=nnx.Rngs(0))
     ids = random_ids((2, 5), 128)

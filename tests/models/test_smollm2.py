@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moka_jax.generate import answer, encode_prompts, eos_ids, generate, load_tokenizer
-from moka_jax.generate import main as generate_main
+from moka_jax.cli.generate import main as generate_main
+from moka_jax.data import load_tokenizer, pad_id
+from moka_jax.eval.generate import answer, eos_ids, generate, prompt_batch
 from moka_jax.models.hf import load_hf
 
 from tests.models.conftest import hf_logits, torch, transformers
@@ -26,7 +27,7 @@ def forward(model, ids_BT):
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_dir):
-    return load_tokenizer(smollm2_dir)
+    return load_tokenizer(str(smollm2_dir))
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +71,9 @@ def test_top1_agreement_with_transformers(none_logits, hf_model, text_ids):
 def test_greedy_generation_identical_to_transformers(jax_model, hf_model, tokenizer):
     model, config = jax_model
     prompt = "Write a short story about a lighthouse keeper."
-    ids, mask = encode_prompts(tokenizer, [prompt])
+    ids, mask = prompt_batch(tokenizer, [prompt])
     ours = generate(model, ids, mask, max_new_tokens=20, eos_token_ids=eos_ids(config, tokenizer),
-                    pad_token_id=tokenizer.pad_token_id)[0]
+                    pad_token_id=pad_id(tokenizer))[0]
     with torch.no_grad():
         ref = hf_model.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
                                 max_new_tokens=20, do_sample=False,

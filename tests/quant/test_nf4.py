@@ -157,3 +157,14 @@ def test_double_quant_round_trip_bound():
     err = np.abs(w - np.asarray(dequantize(q2), np.float64)).reshape(48, -1, 64)
     bound = (absmax * half_gap_nf4 + np.abs(absmax - absmax_dq)) * (1 + 1e-6) + 1e-12
     assert (err <= bound[..., None]).all()
+
+
+def test_device_quantiser_is_the_host_one_bit_for_bit():
+    from moka_jax.quant.nf4 import quantize_nf4_on_device
+
+    w = np.random.default_rng(0).standard_normal((48, 256)).astype(np.float32) * 0.03
+    w[5, 64:128] = 0.0  # an all-zero block: code 7, as bitsandbytes
+    host = quantize(w, "nf4", block_size=64)
+    packed, absmax = quantize_nf4_on_device(jnp.asarray(w), 64)
+    np.testing.assert_array_equal(np.asarray(packed), np.asarray(host.packed))
+    np.testing.assert_array_equal(np.asarray(absmax), np.asarray(host.scales))

@@ -1,0 +1,2 @@
+"""The ground floor, importing nothing of moka_jax: checked reads (files), safe writes
+(outputs), option domains (domains), flat pytree paths (trees), the machine (machine)."""
