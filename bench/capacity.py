@@ -3,7 +3,8 @@
 The protocol is configs/capacity/protocol.yaml: three budgets (LoRA r = 1 / 4 / 16 on q/v of
 SmolLM2-135M-Instruct, nf4), every method sized to each, the same lr search, two seeds, and
     E1  memorise N random key -> value pairs: greedy recall, value NLL, bits stored;
-    E2  GSM8K: held-out response NLL and forgetting (NLL change on Dolly responses).
+    E2  GSM8K: held-out response NLL, forgetting (NLL change on Dolly responses) and zero-shot
+        content-scored commonsense accuracy (acc, acc_norm, as lm-evaluation-harness).
 
     python bench/capacity.py                    # run every unit left (resumes), then the report
     python bench/capacity.py --only e1          # one experiment
@@ -270,8 +271,25 @@ def _e2_measures(p, out, u, model, tok, response_scores) -> dict:
         rec[f"{name}_nll"] = float(s["nll"].sum() / s["tokens"].sum())
         rec.setdefault("items", {})[name] = {"nll": [round(float(x), 5) for x in s["nll"]],
                                              "tokens": s["tokens"].tolist()}
+    rec.update(_zeroshot(p, model, tok))
     rec["select"] = rec["val_nll"]
     return rec
+
+
+def _zeroshot(p: dict, model, tok) -> dict:
+    """Content-scored zero-shot accuracy on the commonsense dev sets (lm-eval's protocol):
+    what the instruction tuning did to the model's general ability, per task and averaged."""
+    from moka_jax.eval import evaluate_zeroshot, load_tasks
+
+    e = p["e2"]
+    tasks = load_tasks(REPO / "data" / "commonsense", e.get("zeroshot_tasks") or
+                       ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy",
+                        "ARC-Challenge", "openbookqa"], e["zeroshot_limit"])
+    r = evaluate_zeroshot(model, tok, tasks, batch_size=8, progress=False)
+    return {"zeroshot_acc": r["average"]["acc"], "zeroshot_acc_norm": r["average"]["acc_norm"],
+            "zeroshot": {t: {"acc": v["acc"], "acc_norm": v["acc_norm"], "n": v["n"],
+                             "correct_norm": [int(i["pred_norm"] == i["gold"]) for i in v["items"]]}
+                         for t, v in r["tasks"].items()}}
 
 
 def base_e2(p: dict, out: Path) -> dict:
@@ -304,6 +322,7 @@ def evaluate_base(p: dict, out: Path) -> None:
         rec[f"{name}_nll"] = float(s["nll"].sum() / s["tokens"].sum())
         rec.setdefault("items", {})[name] = {"nll": [round(float(x), 5) for x in s["nll"]],
                                              "tokens": s["tokens"].tolist()}
+    rec.update(_zeroshot(p, model, tok))
     write_json(out / "e2" / "base" / "result.json", rec)
 
 

@@ -14,7 +14,7 @@ import capacity_plan as cap
 
 BEGIN, END = "<!-- capacity:begin -->", "<!-- capacity:end -->"
 E1_MEASURES = ("recall", "value_nll", "bits_stored", "bits_per_param")
-E2_MEASURES = ("heldout_nll", "forgetting", "val_nll")
+E2_MEASURES = ("heldout_nll", "forgetting", "val_nll", "zeroshot_acc", "zeroshot_acc_norm")
 BOOT = 2000
 
 

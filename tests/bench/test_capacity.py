@@ -75,7 +75,8 @@ def test_driver_end_to_end_on_the_tiny_model(tmp_path):
                                        "lr_from": "moka"}},
              comparisons=[["moka", "lora"], ["moka", "moka-ungated"]])
     p["e1"].update(pairs=12, epochs=1)
-    p["e2"].update(heldout=4, val=4, forgetting=4, steps=2, train_limit=8)
+    p["e2"].update(heldout=4, val=4, forgetting=4, steps=2, train_limit=8, zeroshot_limit=2,
+                   zeroshot_tasks=["boolq", "winogrande"])
     proto = tmp_path / "protocol.yaml"
     proto.write_text(yaml.safe_dump(p))
     # the protocol's configs are found next to it
@@ -99,6 +100,7 @@ def test_driver_end_to_end_on_the_tiny_model(tmp_path):
         assert final[exp]["lora"]["r1"]["params"] == 2 * (64 + 64 + 32 + 64)
     assert 0.0 <= final["e1"]["lora"]["r4"]["recall"][0] <= 1.0
     assert "forgetting" in final["e2"]["moka"]["r4"]
+    assert 0.0 <= final["e2"]["lora"]["r1"]["zeroshot_acc_norm"][0] <= 1.0
     assert any(k.startswith("e1:recall:moka-lora:") for k in final["intervals"])
     assert final["e1_budget_separates"] in (True, False)
     text = results.read_text()
