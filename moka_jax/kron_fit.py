@@ -45,8 +45,10 @@ KronShape = shapes_lib.KronShape
 # PAD_TOL (relative) in a round, or after PAD_ITERS rounds.
 PAD_ITERS = 500
 PAD_TOL = 1e-13
+# Rearranged matrices with a side up to this use a full SVD (Lanczos above).
+FULL_SVD_BELOW = 64
 
-__all__ = ["effective_rank", "kron_rearrange", "kron_svd_fit", "kron_svd_fit_sum",
+__all__ = ["effective_rank", "greedy_kron_start", "kron_rearrange", "kron_svd_fit", "kron_svd_fit_sum",
            "kron_unrearrange", "load_into", "lora_svd_fit", "moka_delta", "moka_from_delta"]
 
 
@@ -85,11 +87,12 @@ def _rearranged_fit(w, shape, k: int):
     if not 1 <= k <= min(r.shape):
         raise ValueError(f"kron fit: k = {k} products of shape {shape}; the rearranged "
                          f"{r.shape} matrix allows 1 <= k <= {min(r.shape)}")
-    u, s, vt = np.linalg.svd(r, full_matrices=False)
+    u, s, vt = _top_svd(r, k)
     (ma, na), (mb, nb) = shape
     if ma * mb == m and na * nb == n:
-        err = math.sqrt(float(np.sum(s[k:] ** 2)))
-        return u[:, :k], s[:k], vt[:k], err
+        # = sqrt(sum_{i>k} sigma_i^2), taken from the residual: no cancellation when small
+        err = float(np.linalg.norm(r - (u * s) @ vt))
+        return u, s, vt, err
     mask = kron_rearrange(np.ones((m, n), bool), shape).astype(np.float64)
     root = np.sqrt(s[:k])
     left, right = u[:, :k] * root, vt[:k].T * root  # R ~ left @ right.T
@@ -109,6 +112,21 @@ def _rearranged_fit(w, shape, k: int):
     qb, rb = np.linalg.qr(right)
     uc, s, vct = np.linalg.svd(ra @ rb.T)
     return qa @ uc, s, (qb @ vct.T).T, err
+
+
+def _top_svd(r, k: int):
+    """The k leading singular triplets, largest first. Full LAPACK SVD for small matrices or
+    large k; otherwise Lanczos (ARPACK, tol 0: converged to machine precision) from a fixed
+    start vector, ~10x faster on a 576 x 576 rearrangement and deterministic."""
+    if min(r.shape) <= FULL_SVD_BELOW or k >= min(r.shape) // 4:
+        u, s, vt = np.linalg.svd(r, full_matrices=False)
+        return u[:, :k], s[:k], vt[:k]
+    from scipy.sparse.linalg import svds
+
+    v0 = np.random.default_rng(0).normal(size=min(r.shape))
+    u, s, vt = svds(r, k=k, tol=0, v0=v0, solver="arpack")
+    order = np.argsort(s)[::-1]
+    return u[:, order], s[order], vt[order]
 
 
 def _masked_error(r, mask, left, right) -> float:
@@ -210,8 +228,11 @@ def _mixture(params, groups, r: int, m: int, n: int, gated: bool):
     out = jnp.zeros((m, n), jnp.float32)
     for ids, a, b in zip(groups, params["a"], params["b"]):
         (c, ma, na), (_, mb, nb) = a.shape, b.shape
-        p = jnp.einsum("c,cij,ckl->ikjl", w[jnp.asarray(ids)], a, b)
-        out = out + p.reshape(ma * mb, na * nb)[:m, :n]
+        # Broadcast products are kron's own layout (ma, mb, na, nb): one fused elementwise
+        # loop, no transpose (an einsum to 'ikjl' ran ~10x slower on the CPU).
+        for j, i in enumerate(ids):  # one product at a time: a sum over c fused slower
+            p = (w[i] * a[j])[:, None, :, None] * b[j][None, :, None, :]
+            out = out + p.reshape(ma * mb, na * nb)[:m, :n]
     return out
 
 
@@ -249,13 +270,29 @@ def _refine(target, params, *, groups, r: int, steps: int, lr: float, gated: boo
     return best_p, jnp.concatenate([losses, last[None]])
 
 
+def greedy_kron_start(w, shapes):
+    """[(A_i, B_i)]: component by component, the best single product of shape i
+    (kron_svd_fit) for what components 0..i-1 left of w. Components of one shape take the
+    rearrangement's successive singular pairs, so a prefix of the list is the greedy start of
+    that prefix of shapes (the planner's shapes for a smaller budget are such a prefix)."""
+    w = np.asarray(w, np.float64)
+    m, n = w.shape
+    comps, resid = [], w.copy()
+    for shape in shapes_lib.validate_kron_shapes(shapes, m, n, "greedy_kron_start"):
+        a, b, _ = kron_svd_fit(resid, shape)
+        comps.append((a, b))
+        resid = resid - np.kron(a, b)[:m, :n]
+    return comps
+
+
 def moka_from_delta(w, shapes, *, scale: float | None = None, steps: int = 300,
-                    lr: float = 3e-3, fit_gates: bool = False, return_info: bool = False):
+                    lr: float = 3e-3, fit_gates: bool = False, start=None,
+                    return_info: bool = False):
     """MoKA factors approximating a given update w (m, n) = (out, in) with the given shapes.
 
-    Start: greedy residual Kronecker SVD, component by component in the order given (each
-    the best product of its shape for what the earlier ones left; components of one shape
-    thus take the rearrangement's successive singular pairs). Then Adam (lr, steps) refines
+    Start: greedy residual Kronecker SVD (greedy_kron_start; or `start`, a list of (A_i, B_i)
+    with sum_i kron(A_i, B_i)[:m, :n] the starting fit of w, e.g. a prefix of a longer greedy
+    run). Then Adam (lr, steps) refines
     all factors jointly on ||w - dW||_F^2, on w / ||w||_F so lr does not depend on w's scale,
     and the best iterate is kept: the result is never worse than the start (steps=0: the
     start). fit_gates: train the gate logits g too (they only rescale components, so the fit
@@ -276,13 +313,15 @@ def moka_from_delta(w, shapes, *, scale: float | None = None, steps: int = 300,
     r = len(shapes)
     norm = float(np.linalg.norm(w))
     target = w / norm if norm > 0 else w
-    comps = []
-    resid = target.copy()
-    for shape in shapes:
-        a, b, _ = kron_svd_fit(resid, shape)
-        comps.append((a, b))
-        resid = resid - np.kron(a, b)[:m, :n]
-    start_err = float(np.linalg.norm(resid))
+    if start is None:
+        comps = greedy_kron_start(target, shapes)
+    else:  # in w's units: each factor takes 1 / sqrt(norm)
+        if len(start) != r:
+            raise ValueError(f"moka_from_delta: start has {len(start)} components, shapes {r}")
+        root = math.sqrt(norm) if norm > 0 else 1.0
+        comps = [(np.asarray(a) / root, np.asarray(b) / root) for a, b in start]
+    fit = sum(np.kron(a, b)[:m, :n] for a, b in comps)
+    start_err = float(np.linalg.norm(target - fit))
     groups = [tuple(ids) for ids in _groups(shapes).values()]
     params = {"a": [jnp.asarray(np.stack([comps[i][0] for i in ids]), jnp.float32)
                     for ids in groups],
