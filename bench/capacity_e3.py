@@ -33,12 +33,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
+# One BLAS thread: the run is hundreds of small SVDs, and on our shared 2-core machine
+# OpenBLAS's threads spin against each other and other jobs (a 576x576 SVD took 1.6 s wall /
+# 0.37 s CPU with 2 threads, 0.19 s / 0.03 s with 1, under load ~9). Set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 
 WEIGHTS = ("q_proj", "v_proj")
 SMOLLM2_DIMS = {"q_proj": (576, 576), "v_proj": (192, 576)}  # (out, in)
@@ -192,11 +198,16 @@ def _mean_sd(xs) -> list[float]:
     return [float(xs.mean()), float(xs.std(ddof=1)) if xs.size > 1 else 0.0]
 
 
-def evaluate(targets: dict, ranks, *, steps: int, lr: float, by_shape: bool = False) -> dict:
+def evaluate(targets: dict, ranks, *, steps: int, lr: float, by_shape: bool = False,
+             label: str = "") -> dict:
     """{param: {str(rank): {"rel_error", "eff_rank", "params", "by_weight"}}} over all matrices
     of all weights; params = the whole model's (sum over layers and weights)."""
-    fits = {name: [fit_matrix(w, ranks, steps=steps, lr=lr, by_shape=by_shape) for w in mats]
-            for name, mats in targets.items()}
+    fits = {}
+    for name, mats in targets.items():
+        t0 = time.time()
+        fits[name] = [fit_matrix(w, ranks, steps=steps, lr=lr, by_shape=by_shape) for w in mats]
+        print(f"[e3] {label}{name}: {len(mats)} matrices in {time.time() - t0:.1f} s",
+              file=sys.stderr, flush=True)
     out: dict = {}
     for p in PARAMETERISATIONS:
         out[p] = {}
@@ -300,11 +311,12 @@ def main(argv=None) -> dict:
               "matrices": sum(len(v) for v in targets.values()),
               "dims": {k: list(v[0].shape) for k, v in targets.items()},
               "steps": args.steps, "lr": args.lr,
-              "e3": evaluate(targets, ranks, by_shape=args.by_shape, **kw), "controls": {}}
+              "e3": evaluate(targets, ranks, by_shape=args.by_shape, label="target ", **kw),
+              "controls": {}}
     if not args.no_controls:
         for i, kind in enumerate(("gaussian", "lowrank")):
             result["controls"][kind] = evaluate(control_targets(targets, kind, args.seed + 1 + i),
-                                                ranks, **kw)
+                                                ranks, label=f"{kind} ", **kw)
     result["wall_s"] = round(time.time() - t0, 1)
     result["cpu_s"] = round(time.process_time() - cpu0, 1)
     if args.plot:

@@ -136,10 +136,11 @@ def _masked_error(r, mask, left, right) -> float:
 def _masked_ls(r, mask, right):
     """Rows p of `left` minimising sum_q mask_pq (r_pq - left_p . right_q)^2, given right.
     A row with nothing observed (a block wholly in the padding) gets 0 (the tiny ridge)."""
-    gram = np.einsum("pq,qi,qj->pij", mask, right, right)
+    q, k = right.shape
+    # mask @ (per-column outer products): a (p, k*k) matmul, never a (p, q, k, k) array
+    gram = (mask @ (right[:, :, None] * right[:, None, :]).reshape(q, k * k)).reshape(-1, k, k)
     rhs = (mask * r) @ right
     ridge = 1e-12 * max(float(np.trace(right.T @ right)), 1e-300)
-    k = right.shape[1]
     return np.linalg.solve(gram + ridge * np.eye(k), rhs[..., None])[..., 0]
 
 

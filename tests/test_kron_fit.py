@@ -200,3 +200,19 @@ def test_load_into_lora_and_refuse_dora():
     dora = DoRA(8, 15, 3, alpha=6.0, w0=jnp.ones((15, 8)), rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match="DoRA"):
         kron_fit.load_into(dora, {"lora_b": b, "lora_a": a})
+
+
+def test_padded_rank_k_sum_beats_zero_padding_and_reports_its_error():
+    rng = np.random.default_rng(12)
+    m, n = 13, 8
+    w = rng.normal(size=(m, n))
+    a, b, rest = kron_fit.kron_svd_fit_sum(w, PADDED, 3)
+    fit = sum(np.kron(a[i], b[i])[:m, :n] for i in range(3))
+    assert np.isclose(rest, np.linalg.norm(w - fit), rtol=1e-10)
+    r = kron_fit.kron_rearrange(w, PADDED)  # zero padded
+    u, s, vt = np.linalg.svd(r, full_matrices=False)
+    zero = kron_fit.kron_unrearrange((u[:, :3] * s[:3]) @ vt[:3], PADDED, m, n)
+    assert rest < np.linalg.norm(w - zero)
+    # largest first, balanced
+    norms = [np.linalg.norm(np.kron(a[i], b[i])) for i in range(3)]
+    assert norms == sorted(norms, reverse=True)
