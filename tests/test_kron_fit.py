@@ -216,3 +216,27 @@ def test_padded_rank_k_sum_beats_zero_padding_and_reports_its_error():
     # largest first, balanced
     norms = [np.linalg.norm(np.kron(a[i], b[i])) for i in range(3)]
     assert norms == sorted(norms, reverse=True)
+
+
+def test_moka_from_delta_refuses_a_zero_target_and_a_wrong_start():
+    with pytest.raises(ValueError, match="zero"):
+        kron_fit.moka_from_delta(np.zeros((15, 8)), SHAPES)
+    w = np.random.default_rng(13).normal(size=(15, 8))
+    with pytest.raises(ValueError, match="start has 1 components"):
+        kron_fit.moka_from_delta(w, SHAPES, start=kron_fit.greedy_kron_start(w, SHAPES[:1]))
+
+
+def test_greedy_start_prefix_and_start_argument():
+    w = np.random.default_rng(14).normal(size=(15, 8))
+    long = kron_fit.greedy_kron_start(w, SHAPES)
+    short = kron_fit.greedy_kron_start(w, SHAPES[:2])
+    for (a1, b1), (a2, b2) in zip(long, short):
+        np.testing.assert_allclose(np.kron(a1, b1), np.kron(a2, b2), atol=1e-10)
+    # components of one shape take successive singular pairs: greedy == rank-2 sum there
+    a, b, rest = kron_fit.kron_svd_fit_sum(w, SHAPES[0], 2)
+    greedy_same = kron_fit.greedy_kron_start(w, [SHAPES[0], SHAPES[0]])
+    fit = sum(np.kron(x, y) for x, y in greedy_same)
+    assert np.isclose(np.linalg.norm(w - fit), rest, rtol=1e-8)
+    f1, i1 = kron_fit.moka_from_delta(w, SHAPES, steps=0, return_info=True)
+    f2, i2 = kron_fit.moka_from_delta(w, SHAPES, steps=0, start=long, return_info=True)
+    assert np.isclose(i1["rel_error"], i2["rel_error"], rtol=1e-6)
