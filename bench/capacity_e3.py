@@ -14,7 +14,7 @@ that weight (r * (m + n) parameters), the best fit of each parameterisation:
                 distinct planner shape (exact VLP), target only, under "kron1_by_shape"
 
 reported as relative Frobenius error ||dW* - fit|| / ||dW*|| and the Roy-Vetterli effective rank
-of the fit (moka_jax.kron_fit.effective_rank), mean and sd over all layers and both weights,
+of the fit (moka_jax.adapters.fit.effective_rank), mean and sd over all layers and both weights,
 against the model's trainable parameters for that parameterisation (30 layers x (q + v)).
 Two controls with the target's shapes and per-matrix norms: a Gaussian matrix and a random
 rank-8 matrix (a product of two Gaussians).
@@ -65,7 +65,7 @@ def _layer_index(path: str) -> int:
 
 def read_targets(adapter_dir, model: str = "smollm2", weights=WEIGHTS) -> dict[str, list]:
     """{weight: [dW* (out, in) float64 per layer, in layer order]} of a trained adapter."""
-    from moka_jax import adapter_io
+    from moka_jax.io import adapter_io
 
     meta = adapter_io.read_meta(adapter_dir) if adapter_io.detect_format(adapter_dir) != "peft" \
         else None
@@ -154,8 +154,8 @@ def _erank_from_singular_values(s) -> float:
 
 def fit_matrix(w, ranks, *, steps: int, lr: float, by_shape: bool = False) -> dict:
     """{param: {rank: (rel_error, eff_rank, params)}} for one matrix (+ "kron1_by_shape")."""
-    from moka_jax import kron_fit
-    from moka_jax.shapes import moka_params
+    from moka_jax.adapters import fit as kron_fit
+    from moka_jax.core.shapes import moka_params
 
     w = np.asarray(w, np.float64)
     m, n = w.shape

@@ -44,6 +44,9 @@ _EXPORTS = {
     "save_adapter": "moka_jax.api",
     "summary": "moka_jax.api",
     "train": "moka_jax.training.run",
+    "kron_svd_fit": "moka_jax.adapters.fit",
+    "lora_svd_fit": "moka_jax.adapters.fit",
+    "moka_from_delta": "moka_jax.adapters.fit",
 }
 
 __all__ = sorted(_EXPORTS)

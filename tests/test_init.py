@@ -11,6 +11,7 @@ PUBLIC = {
     "adapter_config_to_dict", "adapter_state", "attach_adapters", "count_params", "dequantize",
     "kron_apply", "kron_materialize", "load", "merge", "plan_moka_shapes", "plan_mokas_primes",
     "quantize", "save_adapter", "summary", "Config", "load_config", "train",
+    "kron_svd_fit", "lora_svd_fit", "moka_from_delta",
 }
 
 

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moka_jax import shapes as shapes_lib
+from moka_jax.core import shapes as shapes_lib
 
 KronShape = shapes_lib.KronShape
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moka_jax import kron_fit
+from moka_jax.adapters import fit as kron_fit
 from moka_jax.adapters.lora import DoRA, LoRA
 from moka_jax.adapters.moka import MoKA
 
