@@ -218,7 +218,7 @@ def evaluate_unit(p: dict, out: Path, rel: str) -> None:
     if u.exp == "e1":
         rec.update(_e1_measures(p, out, u, model, tok, response_scores))
     else:
-        rec.update(_e2_measures(p, out, u, model, tok, response_scores))
+        rec.update(_e2_measures(p, out, model, tok, response_scores))
     write_json(d / "eval.json", rec)
 
 
@@ -261,16 +261,17 @@ def _e1_measures(p, out, u, model, tok, response_scores) -> dict:
                       "tokens": s["tokens"].tolist()}}
 
 
-def _e2_measures(p, out, u, model, tok, response_scores) -> dict:
+def _e2_measures(p, out, model, tok, response_scores) -> dict:
+    """Response NLL of every split (per item too) and zero-shot accuracy. Every trained unit
+    gets them all: a search trial at the winning lr is also that method's seed-0 main run."""
     names = e2_splits(p, out)
-    rec = {}
-    # every unit: a search trial at the winning lr is also that method's seed-0 main run
+    rec = {"items": {}}
     for name in ("val", "heldout", "general"):
         records = json.loads(names[name].read_text())
         s = _scores(model, tok, records, "alpaca", _cutoff(p, "e2"), response_scores)
         rec[f"{name}_nll"] = float(s["nll"].sum() / s["tokens"].sum())
-        rec.setdefault("items", {})[name] = {"nll": [round(float(x), 5) for x in s["nll"]],
-                                             "tokens": s["tokens"].tolist()}
+        rec["items"][name] = {"nll": [round(float(x), 5) for x in s["nll"]],
+                              "tokens": s["tokens"].tolist()}
     rec.update(_zeroshot(p, model, tok))
     rec["select"] = rec["val_nll"]
     return rec
@@ -314,15 +315,7 @@ def evaluate_base(p: dict, out: Path) -> None:
 
     model, tok = mj.load(_train_set("model.path", "smollm2"), quant="nf4", dtype=jnp.float32,
                          tokenizer=_train_set("model.tokenizer"))
-    names = e2_splits(p, out)
-    rec = {}
-    for name in ("val", "heldout", "general"):
-        s = _scores(model, tok, json.loads(names[name].read_text()), "alpaca",
-                    _cutoff(p, "e2"), response_scores)
-        rec[f"{name}_nll"] = float(s["nll"].sum() / s["tokens"].sum())
-        rec.setdefault("items", {})[name] = {"nll": [round(float(x), 5) for x in s["nll"]],
-                                             "tokens": s["tokens"].tolist()}
-    rec.update(_zeroshot(p, model, tok))
+    rec = _e2_measures(p, out, model, tok, response_scores)
     write_json(out / "e2" / "base" / "result.json", rec)
 
 
