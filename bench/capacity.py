@@ -92,25 +92,34 @@ def e1_data_file(p: dict, out: Path, seed: int) -> Path:
     return path
 
 
+GSM8K = REPO / "data" / "instruct" / "gsm8k" / "train.json"
+
+
 def e2_splits(p: dict, out: Path) -> dict[str, Path]:
-    """GSM8K shuffled once (seed 0): held-out, validation, then the training pool; Dolly
-    open-QA's first `forgetting` records (after a seeded shuffle) as the general-text sample."""
+    """GSM8K's last `heldout` + `val` records (the shipped file's order, the original
+    train.jsonl's) as the held-out and validation splits; training reads the records before
+    them (e2_train_file); Dolly open-QA's first `forgetting` records after a seeded shuffle as
+    the general-text sample."""
     e = p["e2"]
     root = out / "e2" / "data"
     names = {"heldout": root / "gsm8k-heldout.json", "val": root / "gsm8k-val.json",
-             "train": root / "gsm8k-train.json", "general": root / "dolly-general.json"}
+             "general": root / "dolly-general.json"}
     if not all(f.exists() for f in names.values()):
-        gsm = json.loads((REPO / "data/instruct/gsm8k/train.json").read_text())
-        order = np.random.default_rng(0).permutation(len(gsm))
-        gsm = [gsm[i] for i in order]
+        gsm = json.loads(GSM8K.read_text())
         h, v = e["heldout"], e["val"]
-        write_json(names["heldout"], gsm[:h])
-        write_json(names["val"], gsm[h:h + v])
-        write_json(names["train"], gsm[h + v:])
+        write_json(names["heldout"], gsm[len(gsm) - h - v:len(gsm) - v])
+        write_json(names["val"], gsm[len(gsm) - v:])
         dolly = json.loads((REPO / "data/instruct/dolly_open_qa/train.json").read_text())
         order = np.random.default_rng(0).permutation(len(dolly))
         write_json(names["general"], [dolly[i] for i in order[:e["forgetting"]]])
     return names
+
+
+def e2_train_file(p: dict) -> dict:
+    """The training records: GSM8K's first (all - heldout - val), or train_limit of them."""
+    e = p["e2"]
+    n = len(json.loads(GSM8K.read_text())) - e["heldout"] - e["val"]
+    return {"path": str(GSM8K), "limit": min(n, e.get("train_limit") or n)}
 
 
 # ----------------------------------------------------------------------------- one unit
@@ -138,9 +147,9 @@ def unit_config(p: dict, out: Path, u: Unit) -> tuple[str, int]:
         steps = max(1, math.ceil(p["e1"]["epochs"] * tokens / (row_tokens * 0.95)))
         train_files = [{"path": str(data)}]
     else:
-        names = e2_splits(p, out)
+        e2_splits(p, out)
         steps = p["e2"]["steps"]
-        train_files = [{"path": str(names["train"]), "limit": p["e2"].get("train_limit")}]
+        train_files = [e2_train_file(p)]
     spec = p["methods"][u.method]
     cfg = {"inherit": os.path.relpath(base, d), "name": u.rel.replace("/", "_"),
            "adapter": sec,

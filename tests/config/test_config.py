@@ -12,7 +12,8 @@ from moka_jax.adapters import DoRAConfig, LoRAConfig, MoKAConfig, MoKAsConfig
 REPO = Path(__file__).resolve().parents[2]
 # Run configs; configs/experiments/sweep.yaml is the sweep's protocol, not a run config.
 CONFIGS = [p for p in sorted((REPO / "configs").glob("*.yaml"))
-           + sorted((REPO / "configs").glob("*/*.yaml")) if p.name != "sweep.yaml"]
+           + sorted((REPO / "configs").glob("*/*.yaml"))
+           if p.name not in ("sweep.yaml", "protocol.yaml")]  # bench protocols, not runs
 TRAIN_FILE = "data/commonsense_train/boolq/train.json"
 
 
