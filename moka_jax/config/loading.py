@@ -15,7 +15,27 @@ from moka_jax.config.sources import ConfigError, _Sources
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-4` (no dot) as a float, as YAML 1.2 does."""
+    """SafeLoader that also reads `1e-4` (no dot) as a float, as YAML 1.2 does, and refuses a
+    key given twice in one mapping (PyYAML would keep the second silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = key_node.value
+                line = key_node.start_mark.line + 1
+                if key in first:
+                    raise DuplicateKey(key, first[key], line)
+                first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: str, first: int, second: int):
+        super().__init__(f"key {key!r} appears twice in one mapping (lines {first} and {second}); "
+                         "YAML would keep only the second: keep one")
 
 
 _Loader.add_implicit_resolver(
@@ -41,13 +61,30 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"cannot read config {path}: {e}") from None
     try:
         d = yaml.load(text, Loader=_Loader)
+    except DuplicateKey as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        raise ConfigError(f"{path}{_where(e)}: invalid YAML: {_problem(e)}") from None
     if d is None:
         return {}
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(d).__name__}")
     return d
+
+
+def _where(e: yaml.YAMLError) -> str:
+    """":line:col" of a YAML error (1-based), so editors jump to it."""
+    mark = getattr(e, "problem_mark", None)
+    return f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+
+
+def _problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: the problem, and what was being parsed where."""
+    problem = getattr(e, "problem", None)
+    if problem is None:
+        return " ".join(str(e).split())
+    ctx, mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    return problem + (f" ({ctx} at line {mark.line + 1})" if ctx and mark is not None else "")
 
 
 def _merge(base: dict, child: dict) -> dict:
@@ -89,7 +126,11 @@ def _apply_override(d: dict, override: str, sources: _Sources) -> dict:
         raise ConfigError(f"--set {override!r}: expected key=value")
     key, text = override.split("=", 1)
     key = key.strip()
-    value = parse_value(text)
+    try:
+        value = parse_value(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {override!r}: the value of {key!r} is not valid YAML "
+                          f"({_problem(e)}); quote a string value") from None
     parts = key.split(".")
     if not key or any(not p for p in parts):
         raise ConfigError(f"--set {override!r}: bad key {key!r}")
