@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import sys
 import time
 
 import jax
@@ -27,6 +27,7 @@ from moka_jax.io.adapter_format import write_adapter
 from moka_jax.support.trees import local_numpy
 from moka_jax.training import sharding
 from moka_jax.training.checkpoint import TrainCheckpointer
+from moka_jax.training.guard import ZeroGradWatch, divergence
 from moka_jax.training.metrics import MetricsWriter, plot_gates, plot_loss, read_metrics
 from moka_jax.training.optim import gate_entropy, lr_schedule, make_optimizer
 from moka_jax.training.step import TrainStep, split_model, step_inputs
@@ -99,15 +100,21 @@ def train(cfg: Config, plan, *, max_steps: int | None = None, quiet: bool = Fals
     # checked before a checkpoint is written, so a NaN never reaches a saved step.
     pending = []
 
+    zero_grads = ZeroGradWatch(warn=lambda msg: print(msg, file=sys.stderr) if is_main else None)
+
     def sync():
         for s, m in pending:
-            loss = float(m["loss"])
-            if not math.isfinite(loss):
+            loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+            lr_s = float(schedule(s - 1))
+            # did any update with a non-zero lr come before step s? (warm-up starts at lr 0)
+            applied = sum(float(schedule(i)) > 0 for i in range(min(s - 1, 3)))
+            reason = divergence(s, loss, grad_norm, lr_s, updates_before=applied)
+            if reason is not None:
                 last = ckpt.latest_step()
                 ckpt.close()
-                raise TrainingDiverged(
-                    f"loss is {loss} at step {s}; stopping. The last good checkpoint "
-                    f"(step {last}) in {ckpt.dir} is kept. Lower train.lr or raise warmup_steps.")
+                raise TrainingDiverged(f"{reason}. Stopping; the last good checkpoint (step "
+                                       f"{last}) in {ckpt.dir} is kept.")
+            zero_grads(s, grad_norm, lr_s)
             losses.append(loss)
         last_m = pending[-1][1] if pending else None
         pending.clear()
