@@ -30,17 +30,16 @@ def records(p: dict, out: Path, exp: str) -> dict:
     return got
 
 
-def _with_derived(p: dict, out: Path, exp: str, recs: dict) -> dict:
-    base = None
-    if exp == "e2" and (out / "e2" / "base" / "result.json").exists():
-        base = json.loads((out / "e2" / "base" / "result.json").read_text())
+def _with_derived(out: Path, exp: str, recs: dict) -> None:
+    """Adds bits per parameter (E1) and forgetting against the base's general NLL (E2)."""
+    base_path = out / "e2" / "base" / "result.json"
+    base = json.loads(base_path.read_text()) if exp == "e2" and base_path.exists() else None
     for rs in recs.values():
         for r in rs:
             if exp == "e1":
                 r["bits_per_param"] = r["bits_stored"] / r["params"]
             elif base is not None and "general_nll" in r:
                 r["forgetting"] = r["general_nll"] - base["general_nll"]
-    return base
 
 
 def summarise(recs: dict, measures) -> dict:
@@ -225,7 +224,7 @@ def report(p: dict, out: Path, results: Path) -> dict:
     recs_by_exp, summ = {}, {}
     for exp, measures in (("e1", E1_MEASURES), ("e2", E2_MEASURES)):
         recs = records(p, out, exp)
-        _with_derived(p, out, exp, recs)
+        _with_derived(out, exp, recs)
         recs_by_exp[exp] = recs
         summ[exp] = summarise(recs, measures)
     ivals = intervals(p, recs_by_exp)

@@ -16,12 +16,14 @@ EXPLODING = 1e10
 ZERO_STEPS = 10
 
 
-def divergence(step: int, loss: float, grad_norm: float, lr: float, *,
+def divergence(step: int, loss: float, grad_norm: float, lr, *,
                updates_before: int) -> str | None:
     """The reason to stop at `step` (1-based), or None. updates_before: optimizer updates
-    with a non-zero lr applied before this step's forward pass."""
+    with a non-zero lr applied before this step's forward pass. lr: the step's lr, or a
+    callable giving it (read only when the run stops)."""
     if math.isfinite(loss) and math.isfinite(grad_norm) and grad_norm <= EXPLODING:
         return None
+    lr = lr() if callable(lr) else lr
     what = (f"loss is {loss}" if not math.isfinite(loss) else
             f"gradient norm is {grad_norm}" if not math.isfinite(grad_norm) else
             f"gradient norm is {grad_norm:.3g} (> {EXPLODING:.0e})")
@@ -40,10 +42,12 @@ class ZeroGradWatch:
     def __init__(self, warn=print):
         self.run, self.warned, self.warn = 0, False, warn
 
-    def __call__(self, step: int, grad_norm: float, lr: float) -> None:
+    def __call__(self, step: int, grad_norm: float, lr) -> None:
+        """lr: the step's lr, or a callable giving it (read only to warn)."""
         self.run = self.run + 1 if grad_norm == 0.0 else 0
         if self.run >= ZERO_STEPS and not self.warned:
             self.warned = True
+            lr = lr() if callable(lr) else lr
             self.warn(f"[moka_jax] warning: the gradient norm has been 0 for {self.run} steps "
                       f"(up to step {step}, lr {lr:.3g}): the adapters learn nothing. Check that "
                       "the data has labelled tokens and that train.lr and adapter.scale are not "

@@ -54,7 +54,7 @@ def train(cfg: Config, plan, *, max_steps: int | None = None, quiet: bool = Fals
     ckpt = TrainCheckpointer(out_dir, plan.fingerprint, keep_last=cfg.train.keep_last)
     ckpt.check_same_run()
 
-    source, tokenizer = plan.source, plan.tokenizer
+    tokenizer = plan.tokenizer
     train_data, val_data = plan.train_data, plan.val_data
     pad = pad_id(tokenizer)
     batches = BatchIterator(train_data, cfg.train.batch_size, cfg.data.buckets,
@@ -100,21 +100,22 @@ def train(cfg: Config, plan, *, max_steps: int | None = None, quiet: bool = Fals
     # checked before a checkpoint is written, so a NaN never reaches a saved step.
     pending = []
 
+    # index of the first update with a non-zero lr (warm-up starts at 0), computed once
+    first_update = next((i for i in range(3) if float(schedule(i)) > 0), 3)
     zero_grads = ZeroGradWatch(warn=lambda msg: print(msg, file=sys.stderr) if is_main else None)
 
     def sync():
         for s, m in pending:
             loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
-            lr_s = float(schedule(s - 1))
-            # did any update with a non-zero lr come before step s? (warm-up starts at lr 0)
-            applied = sum(float(schedule(i)) > 0 for i in range(min(s - 1, 3)))
-            reason = divergence(s, loss, grad_norm, lr_s, updates_before=applied)
+            # the lr is read back (eagerly) only when a check needs it, not on every step
+            reason = divergence(s, loss, grad_norm, lambda: float(schedule(s - 1)),
+                                updates_before=max(0, s - 1 - first_update))
             if reason is not None:
                 last = ckpt.latest_step()
                 ckpt.close()
                 raise TrainingDiverged(f"{reason}. Stopping; the last good checkpoint (step "
                                        f"{last}) in {ckpt.dir} is kept.")
-            zero_grads(s, grad_norm, lr_s)
+            zero_grads(s, grad_norm, lambda: float(schedule(s - 1)))
             losses.append(loss)
         last_m = pending[-1][1] if pending else None
         pending.clear()
