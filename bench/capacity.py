@@ -35,7 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from capacity_plan import (CONFIGS, REPO, Unit, adapter_section, all_units,  # noqa: E402
-                           budget_params, load_protocol, read_result, status, write_json)
+                           budget_params, e3_path, e3_target, load_protocol, read_result, status,
+                           write_json)
 import capacity_report  # noqa: E402
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
@@ -47,7 +48,7 @@ def parse_args(argv=None):
     ap.add_argument("--protocol", default=str(CONFIGS / "protocol.yaml"))
     ap.add_argument("--out", default=str(REPO / "results" / "capacity"))
     ap.add_argument("--results", default=str(REPO / "RESULTS.md"))
-    ap.add_argument("--only", nargs="+", default=None, help="experiments to run (e1 e2)")
+    ap.add_argument("--only", nargs="+", default=None, help="experiments to run (e1 e2 e3)")
     ap.add_argument("--status", action="store_true", help="list units; run nothing")
     ap.add_argument("--report-only", action="store_true", help="report from saved units")
     ap.add_argument("--pilot", default=None, metavar="EXP",
@@ -336,11 +337,34 @@ TRAIN_SETS: list[str] = []   # --train-set: train.py overrides for every unit (t
 IN_PROCESS = False           # --in-process: train and evaluate units in this process (tests)
 
 
+def run_e3(p: dict, out: Path) -> None:
+    """E3: train the target update (LoRA at e3.target_rank on E2's data), then fit every
+    parameterisation to each of its q/v layers (bench/capacity_e3.py) into OUT/e3/e3.json."""
+    import capacity_e3
+
+    target = e3_target(p, out)
+    if target is None:
+        raise SystemExit("E3 needs E2's LoRA lr search first (run e2 before e3)")
+    if e3_path(out).exists():
+        return
+    print(f"[capacity] {target.rel} (E3's target update)", flush=True)
+    run_unit(p, out, target)
+    e = p["e3"]
+    res = capacity_e3.main(["--adapter", str(out / target.rel / "run" / "adapter"),
+                            "--steps", str(e["steps"]), "--lr", str(e["lr"]),
+                            "--ranks", *[str(r) for r in p["budgets"].values()],
+                            "--plot", str(out / "figures" / "e3_rel_error.png")])
+    res.update(target_unit=target.rel, plot=os.path.relpath(res["plot"], out))
+    write_json(e3_path(out), res)
+
+
 def run_all(p: dict, out: Path, exps) -> None:
     while True:
-        pending = [u for u in all_units(p, out, exps)
+        pending = [u for u in all_units(p, out, [e for e in exps if e != "e3"])
                    if isinstance(u, Unit) and read_result(out, u) is None]
         if not pending:
+            if "e3" in exps:
+                run_e3(p, out)
             return
         u = pending[0]
         print(f"[capacity] {u.rel} ({len(pending)} runnable units left)", flush=True)
@@ -355,6 +379,8 @@ def pilot(p: dict, out: Path, exp: str, methods, budgets, lr: float) -> list:
     rows = []
     phase = (f"pilot-n{p['e1']['pairs']}-e{p['e1']['epochs']}" if exp == "e1"
              else f"pilot-steps{p['e2']['steps']}")  # one directory per sizing tried
+    if p.get("lora_scaling", "constant") != "constant":
+        phase += f"-{p['lora_scaling']}"
     for m in methods:
         for b in budgets:
             u = Unit(exp, phase, m, b, 0, lr)

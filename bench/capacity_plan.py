@@ -38,9 +38,33 @@ def load_protocol(path, sets=()) -> dict:
     return p
 
 
+def budget_rank(p: dict, budget: str) -> int:
+    """A budget's LoRA rank: one of `budgets`, or E3's target rank ('r64')."""
+    if budget in p["budgets"]:
+        return p["budgets"][budget]
+    if "e3" in p and budget == f"r{p['e3']['target_rank']}":
+        return int(p["e3"]["target_rank"])
+    raise SystemExit(f"budget {budget!r} is not in the protocol's budgets {sorted(p['budgets'])}")
+
+
 def budget_params(p: dict, budget: str) -> int:
     """LoRA rank R's trainable parameters on the targets: the budget."""
-    return p["budgets"][budget] * p["layers"] * sum(m + n for m, n in p["dims"].values())
+    return budget_rank(p, budget) * p["layers"] * sum(m + n for m, n in p["dims"].values())
+
+
+def lora_scaling(p: dict, rank: int) -> float:
+    """LoRA / DoRA's alpha / r at rank R. 'constant': 2 at every rank (alpha = 2R). 'rslora':
+    2 sqrt(R_search / R) (rank-stabilised, Kalajdzievski 2023: alpha proportional to sqrt(R)),
+    so the search budget keeps alpha = 2R and its lr carries to the other ranks: with Adam a
+    constant alpha / r makes the update of B A grow with R, and the E1 pilots found the lr that
+    trains R=1 too hot for R=16 (results/capacity/e1/pilot-n256-e32)."""
+    rule = p.get("lora_scaling", "constant")
+    if rule == "constant":
+        return 2.0
+    if rule == "rslora":
+        return 2.0 * float(np.sqrt(p["budgets"][p["search_budget"]] / rank))
+    raise SystemExit(f"lora_scaling {rule!r}: use 'constant' (alpha = 2R) or 'rslora' "
+                     "(alpha / r = 2 sqrt(R_search / R))")
 
 
 def method_budgets(p: dict, method: str) -> list[str]:
@@ -55,11 +79,11 @@ def adapter_section(p: dict, method: str, budget: str) -> tuple[dict, int]:
 
     spec = {k: v for k, v in p["methods"][method].items()
             if k not in ("budgets", "lr_from", "gate_lr_mult")}
-    rank, layers, dims = p["budgets"][budget], p["layers"], p["dims"]
+    rank, layers, dims = budget_rank(p, budget), p["layers"], p["dims"]
     kind = spec.pop("kind")
     targets = "(" + "|".join(dims) + ")$"
     if kind in ("lora", "dora"):
-        sec = {"kind": kind, "r": rank, "alpha": 2.0 * rank, **spec}
+        sec = {"kind": kind, "r": rank, "alpha": lora_scaling(p, rank) * rank, **spec}
         per_layer = sum(rank * (m + n) + (m if kind == "dora" else 0) for m, n in dims.values())
     elif kind == "moka":
         table, per_layer = {}, 0
@@ -176,9 +200,33 @@ def all_units(p: dict, out: Path, exps) -> list:
     return units
 
 
+def e3_target(p: dict, out: Path) -> "Unit | None":
+    """E3's high-capacity update: LoRA at e3.target_rank trained as an E2 unit (E2's data,
+    steps and LoRA's chosen E2 lr, seed 0); None until that lr is chosen."""
+    lr, _ = chosen_lr(p, out, "e2", "lora")
+    return None if lr is None else Unit("e2", "e3-target", "lora",
+                                        f"r{p['e3']['target_rank']}", 0, lr)
+
+
+def e3_path(out: Path) -> Path:
+    return out / "e3" / "e3.json"
+
+
 def status(p: dict, out: Path, exps) -> dict:
     done, left, secs = [], [], []
-    for u in all_units(p, out, exps):
+    if "e3" in exps:
+        t = e3_target(p, out)
+        if t is None or read_result(out, t) is None:
+            left.append(t.rel if t else "e2/e3-target/lora (E2's LoRA lr not chosen)")
+        else:
+            done.append(t.rel)
+            secs.append(read_result(out, t)["seconds"])
+        if e3_path(out).exists():
+            done.append("e3/fits")
+            secs.append(json.loads(e3_path(out).read_text())["wall_s"])
+        else:
+            left.append("e3/fits")
+    for u in all_units(p, out, [e for e in exps if e != "e3"]):
         rec = read_result(out, u) if isinstance(u, Unit) else None
         if rec is None:
             left.append(u.rel if isinstance(u, Unit) else "/".join(map(str, u)) + " (lr not chosen)")

@@ -160,8 +160,35 @@ def _fmt(cell: dict, k: str, digits: int = 3) -> str:
     return f"{c['mean']:.{digits}f} ± {c['sd']:.{digits}f}" if c["n"] > 1 else f"{c['mean']:.{digits}f}"
 
 
+def e3_summary(e3: dict | None) -> dict:
+    """{"target" | control: {parameterisation: {budget rank: [mean, sd] relative error}}}."""
+    if e3 is None:
+        return {}
+    panels = {"target": e3["e3"], **e3.get("controls", {})}
+    return {name: {k: {r: v["rel_error"] for r, v in res[k].items()}
+                   for k in ("lora", "kron_greedy", "moka")}
+            for name, res in panels.items()}
+
+
+def e3_lines(e3: dict | None, where: Path, out: Path) -> list[str]:
+    if e3 is None:
+        return []
+    summ = e3_summary(e3)
+    ranks = list(next(iter(summ["target"].values())))
+    lines = ["", f"**E3** (relative Frobenius error of the best fit, mean ± sd over the "
+             f"{e3['matrices']} q/v matrices of {e3['target_unit']}; budgets as LoRA ranks):", "",
+             "| target | parameterisation | " + " | ".join(f"R={r}" for r in ranks) + " |",
+             "| --- | --- | " + " | ".join("---:" for _ in ranks) + " |"]
+    for name, fits in summ.items():
+        for k, by_r in fits.items():
+            lines.append(f"| {name} | {k} | " + " | ".join(
+                f"{by_r[r][0]:.3f} ± {by_r[r][1]:.3f}" for r in ranks) + " |")
+    lines += ["", f"![e3]({os.path.relpath(out / e3['plot'], where)})"]
+    return lines
+
+
 def markdown(p: dict, summ: dict, ivals: dict, sep, sep_iv, counts, lrs, status, plots,
-             where: Path) -> str:
+             where: Path, e3_block: list[str] = ()) -> str:
     """The generated section; image links relative to `where` (the results file's folder)."""
     lines = [BEGIN, "", "### Capacity at matched budgets (`python bench/capacity.py`)", "",
              f"Status: {status['done']} units done, {status['left']} left "
@@ -207,7 +234,7 @@ def markdown(p: dict, summ: dict, ivals: dict, sep, sep_iv, counts, lrs, status,
                   f"disjoint): **{sep}** {json.dumps(sep_iv)}"]
     for path in plots:
         lines += ["", f"![{path.stem}]({os.path.relpath(path, where)})"]
-    lines += ["", END]
+    lines += [*e3_block, "", END]
     return "\n".join(lines)
 
 
@@ -229,7 +256,7 @@ def report(p: dict, out: Path, results: Path) -> dict:
         summ[exp] = summarise(recs, measures)
     ivals = intervals(p, recs_by_exp)
     sep, sep_iv = budget_separates(p, recs_by_exp["e1"])
-    lrs = {(exp, m): cap.chosen_lr(p, out, exp, m) for exp in p["experiments"]
+    lrs = {(exp, m): cap.chosen_lr(p, out, exp, m) for exp in ("e1", "e2")
            for m in p["methods"] if not p["methods"][m].get("lr_from")}
     plots = []
     fig = out / "figures"
@@ -242,13 +269,20 @@ def report(p: dict, out: Path, results: Path) -> dict:
                                      f"{exp.upper()}: {measure} vs trainable parameters", ylabel))
     st = cap.status(p, out, p["experiments"])
     counts = cap.counts_table(p)
+    e3_file = cap.e3_path(out)
+    e3 = json.loads(e3_file.read_text()) if e3_file.exists() else None
+    where = results.absolute().parent
     write_section(results, markdown(p, summ, ivals, sep, sep_iv, counts, lrs, st, plots,
-                                    results.absolute().parent))
+                                    where, e3_lines(e3, where, out)))
 
     def compact(s):
         return {m: {b: {k: [v["mean"], v["sd"]] if isinstance(v, dict) else v
                         for k, v in c.items()} for b, c in cells.items()} for m, cells in s.items()}
 
-    return {"e1": compact(summ["e1"]), "e2": compact(summ["e2"]), "e3": {},
-            "e3_note": "not run yet", "intervals": ivals, "e1_budget_separates": sep,
+    e3_out = e3_summary(e3)
+    return {"e1": compact(summ["e1"]), "e2": compact(summ["e2"]),
+            "e3": e3_out.get("target", {}),
+            "e3_controls": {k: v for k, v in e3_out.items() if k != "target"},
+            "e3_note": "done" if e3 else "not run yet",
+            "intervals": ivals, "e1_budget_separates": sep,
             "status": {k: v for k, v in st.items() if k != "left_units"}}

@@ -77,6 +77,7 @@ def test_driver_end_to_end_on_the_tiny_model(tmp_path):
     p["e1"].update(pairs=12, epochs=1)
     p["e2"].update(heldout=4, val=4, forgetting=4, steps=2, train_limit=8, zeroshot_limit=2,
                    zeroshot_tasks=["boolq", "winogrande"])
+    p["e3"].update(target_rank=8, steps=2)
     proto = tmp_path / "protocol.yaml"
     proto.write_text(yaml.safe_dump(p))
     # the protocol's configs are found next to it
@@ -93,8 +94,17 @@ def test_driver_end_to_end_on_the_tiny_model(tmp_path):
     final = json.loads(run.stdout.splitlines()[-1])
     st = json.loads(subprocess.run(cmd + ["--status"], capture_output=True, text=True,
                                    check=True).stdout.splitlines()[-1])
-    # per experiment: 4 search trials, then 5 cells less the 2 search winners
-    assert st["left"] == 0 and st["done"] == 2 * (4 + 5 - 2)
+    # per experiment: 4 search trials, then 5 cells less the 2 search winners; E3: its
+    # target (LoRA r8 on E2's data) and the fits
+    assert st["left"] == 0 and st["done"] == 2 * (4 + 5 - 2) + 2
+    assert (out / "e2" / "e3-target" / "lora-r8").is_dir()
+    for fit in ("lora", "kron_greedy", "moka"):
+        errs = final["e3"][fit]
+        assert set(errs) == {"1", "4"} and all(0.0 <= e[0] <= 1.0 for e in errs.values())
+    # the truncated SVD is the optimum at a rank budget, and a larger budget fits better
+    assert final["e3"]["lora"]["4"][0] <= final["e3"]["lora"]["1"][0]
+    assert set(final["e3_controls"]) == {"gaussian", "lowrank"}
+    assert "e3_rel_error.png" in results.read_text()
     for exp in ("e1", "e2"):
         assert set(final[exp]) == {"lora", "moka", "moka-ungated"}
         assert final[exp]["lora"]["r1"]["params"] == 2 * (64 + 64 + 32 + 64)
