@@ -60,11 +60,13 @@ def run(args) -> Path:
     check_output(args.out, command=command, inputs=inputs, overwrite=args.overwrite)
     if fmt == "orbax":
         from moka_jax.io.adapter_io import to_orbax
-        return to_orbax(args.adapter, args.out, model=args.model, overwrite=args.overwrite)
+        return to_orbax(args.adapter, args.out, model=args.model, overwrite=args.overwrite,
+                        command=command)
     model, config, tok_dir = load_adapted(args.model, args.adapter)
     if fmt == "peft":
         from moka_jax.io.peft_io import export_peft
-        return export_peft(model, args.out, str(tok_dir or args.model), args.overwrite)
+        return export_peft(model, args.out, str(tok_dir or args.model), args.overwrite,
+                           command=command)
     if args.requantize:
         from moka_jax.models.convert import save_converted
         merged = merge(model, requantize=args.requantize)

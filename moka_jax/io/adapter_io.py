@@ -59,7 +59,8 @@ def _pure(params):
 
 # ---- orbax -------------------------------------------------------------------------------
 
-def save_orbax(out_dir, params, meta: dict, overwrite: bool = False) -> Path:
+def save_orbax(out_dir, params, meta: dict, overwrite: bool = False, *,
+               command: str = "save_orbax") -> Path:
     """The adapter tree as an orbax checkpoint; call it on EVERY process of a multi-host run
     (orbax's save is collective). The adapter is replicated, so host copies are written: the
     checkpoint then records no device topology and restores anywhere without a target. An
@@ -68,7 +69,7 @@ def save_orbax(out_dir, params, meta: dict, overwrite: bool = False) -> Path:
     from jax.experimental import multihost_utils
 
     out_dir = Path(out_dir).expanduser().absolute()
-    check_output(out_dir, command="save_orbax", overwrite=overwrite)  # never someone's files
+    check_output(out_dir, command=command, overwrite=overwrite)  # never someone's files
     old = out_dir.with_name(f".{out_dir.name}.old") if out_dir.exists() else None
     if old is not None:
         if jax.process_index() == 0:
@@ -80,7 +81,7 @@ def save_orbax(out_dir, params, meta: dict, overwrite: bool = False) -> Path:
     ckptr.wait_until_finished()
     ckptr.close()
     if jax.process_index() == 0:
-        write_marker(out_dir, "save_orbax")
+        write_marker(out_dir, command)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return out_dir
@@ -174,7 +175,8 @@ def save(out_dir, params, *, format: str = "safetensors", adapter_config: dict, 
                          targets=targets, base=base, overwrite=overwrite)
 
 
-def to_orbax(adapter_dir, out_dir, *, model=None, overwrite: bool = False) -> Path:
+def to_orbax(adapter_dir, out_dir, *, model=None, overwrite: bool = False,
+             command: str = "save_orbax") -> Path:
     """Any adapter directory as an orbax adapter tree; no base is loaded (a PEFT directory
     needs `model`, the base's name or directory, for its config only)."""
     config = None
@@ -187,4 +189,5 @@ def to_orbax(adapter_dir, out_dir, *, model=None, overwrite: bool = False) -> Pa
         config = read_config(resolve(model).path)
     meta = {k: v for k, v in read_meta(adapter_dir, config).items() if k != "source"}
     values = read_values(adapter_dir, config)
-    return save_orbax(out_dir, nest_paths(values), {**meta, "format": ADAPTER_FORMAT}, overwrite)
+    return save_orbax(out_dir, nest_paths(values), {**meta, "format": ADAPTER_FORMAT}, overwrite,
+                      command=command)

@@ -44,6 +44,13 @@ class RunPlan:
     resume_step: int | None        # newest intact checkpoint to resume from
     run_state: str                 # "new" | "same" (resume) | "replace"
     data_report: list[dict]
+    lock: object = None            # training.lock.RunLock held for the run (process 0)
+
+    def release(self) -> None:
+        """Give the run directory back (the run ended, or stopped)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def _say(line: str) -> None:
@@ -215,8 +222,6 @@ def plan_run(cfg: Config, num_devices: int | None = None, *, quiet: bool = False
     import jax
 
     from moka_jax.config import resolve_mesh
-    from moka_jax.data.records import load_tokenizer
-    from moka_jax.data.sources import build_datasets
 
     if num_devices is None:
         from moka_jax.training import sharding
@@ -232,6 +237,36 @@ def plan_run(cfg: Config, num_devices: int | None = None, *, quiet: bool = False
                         if isinstance(f.path, str))]  # not in-memory datasets
     if tok not in ("bytes", "smollm2"):
         inputs.append(resolve_path(tok))
+    lock = take_run_dir(out_dir, inputs)
+    try:
+        return _plan_locked(cfg, out_dir, fp, source, tok, inputs, mesh, lock, quiet)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def take_run_dir(out_dir: Path, inputs):
+    """The run directory's lock (process 0), before anything there is read: a live run's
+    checkpoints, pruning and metrics are its own. Never taken inside an input."""
+    import jax
+
+    from moka_jax.training.lock import RunLock
+
+    outputs.check_not_input(out_dir, inputs)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise outputs.OutputError(f"train.out_dir {out_dir} is a file; choose a directory")
+    if jax.process_index() != 0:
+        return None
+    return RunLock.acquire(out_dir, note=_say)
+
+
+def _plan_locked(cfg, out_dir, fp, source, tok, inputs, mesh, lock, quiet) -> RunPlan:
+    import jax
+
+    from moka_jax.data.records import load_tokenizer
+    from moka_jax.data.sources import build_datasets
+
     state, resume_step = claim_run_dir(cfg, out_dir, fp, inputs)
 
     llama = model_config(cfg, source)
@@ -249,9 +284,9 @@ def plan_run(cfg: Config, num_devices: int | None = None, *, quiet: bool = False
     _apply_run_dir(state, out_dir, fp)
     return RunPlan(out_dir=out_dir, fingerprint=fp, source=source, llama=llama, tokenizer=tokenizer,
                    train_data=train_data, val_data=val_data, targets=targets, mesh=mesh,
-                   resume_step=resume_step, run_state=state, data_report=report)
+                   resume_step=resume_step, run_state=state, data_report=report, lock=lock)
 
 
 __all__ = ["RUN_ENTRIES", "RunPlan", "check_adapter", "claim_run_dir", "data_summary",
-           "fingerprint", "model_config", "model_source", "plan_run", "run_dir",
+           "fingerprint", "model_config", "model_source", "plan_run", "run_dir", "take_run_dir",
            "tiny_llama_config", "tokenizer_spec"]
