@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from moka_jax.api import merge
+from moka_jax.cli.errors import guarded
 from moka_jax.quant import QUANT_KINDS
 
 FORMATS = ("hf", "peft", "orbax", "peft-lokr")  # peft-lokr: the old name of peft
@@ -78,6 +79,7 @@ def run(args) -> Path:
     return export_hf(model, config, args.out, tok_dir, args.overwrite, inputs=inputs)
 
 
+@guarded("moka-export", ValueError, FileNotFoundError, FileExistsError)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="moka-export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,11 +95,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.model is None and args.format != "orbax":
         ap.error(f"--model is required for --format {args.format}")
-    try:
-        out = run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = run(args)
     print(json.dumps({"out": str(out), "format": args.format, "requantize": args.requantize}))
     return 0
 

@@ -27,6 +27,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from moka_jax.support.diskfull import writing
+
 MARKER = ".moka_jax_output.json"
 LOCK = ".moka_jax_lock.json"  # a live run's owner (training.lock): bookkeeping, not data
 _BOOKKEEPING = (MARKER, LOCK)
@@ -168,15 +170,18 @@ def check_output_file(path, *, command: str, inputs=(), overwrite: bool = False,
 def write_file_atomic(path, text: str) -> Path:
     """Write text beside `path`, then rename: a crash never leaves half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        with writing(path, f"{path} is unchanged"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise
     return path
 
@@ -190,14 +195,17 @@ def atomic_output_dir(out_dir, overwrite: bool = False, *, command: str = "moka_
     check_output(out_dir, command=command, inputs=inputs, overwrite=overwrite, owner=owner,
                  reuse=reuse)
     out_dir = Path(out_dir).expanduser().absolute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    intact = f"{out_dir} is unchanged" if out_dir.exists() else f"nothing was written to {out_dir}"
+    with writing(out_dir, intact):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the output from other users
     try:
-        write_marker(tmp, command, inputs, owner)
-        yield tmp
+        with writing(out_dir, intact):  # the half-written copy is removed below
+            write_marker(tmp, command, inputs, owner)
+            yield tmp
         old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old.{os.getpid()}")

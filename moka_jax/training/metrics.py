@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moka_jax.support.diskfull import writing
+
 
 class MetricsWriter:
     """Appends one JSON object per record to out_dir/metrics.jsonl; mirrors scalars to TB.
@@ -37,7 +39,8 @@ class MetricsWriter:
         if not self.enabled:
             return
         rec = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
-        self._file.write(json.dumps(rec) + "\n")
+        with writing(self._file.name):
+            self._file.write(json.dumps(rec) + "\n")
         if self._tb is not None:
             for k, v in rec.items():
                 if k != "step" and isinstance(v, int | float):
