@@ -24,6 +24,7 @@ from flax import nnx
 
 from moka_jax.io.adapter_format import (ADAPTER_FORMAT, is_adapter_dir, read_adapter_meta,
                                         read_adapter_values, write_adapter)
+from moka_jax.support.diskfull import writing
 from moka_jax.support.outputs import check_output, write_marker
 from moka_jax.support.trees import (CheckpointError, compare_signatures, flat_paths, local_numpy,
                                     nest_paths, path_key, tree_signature)
@@ -76,10 +77,19 @@ def save_orbax(out_dir, params, meta: dict, overwrite: bool = False, *,
             shutil.rmtree(old, ignore_errors=True)
             out_dir.rename(old)
         multihost_utils.sync_global_devices("moka_jax.save_orbax:aside")
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(out_dir, _string_keys(local_numpy(_pure(params))), custom_metadata=meta)
-    ckptr.wait_until_finished()
-    ckptr.close()
+    try:
+        with writing(out_dir, f"{out_dir} is unchanged" if old else
+                     f"nothing was written to {out_dir}"):
+            ckptr = ocp.StandardCheckpointer()
+            ckptr.save(out_dir, _string_keys(local_numpy(_pure(params))), custom_metadata=meta)
+            ckptr.wait_until_finished()
+            ckptr.close()
+    except BaseException:  # the half-written checkpoint goes, the old one comes back
+        if jax.process_index() == 0:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            if old is not None:
+                old.rename(out_dir)
+        raise
     if jax.process_index() == 0:
         write_marker(out_dir, command)
         if old is not None:

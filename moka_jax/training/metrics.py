@@ -129,9 +129,16 @@ def plot_losses(runs: dict[str, list[dict]], out_png, title: str = "training los
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats / token)")
         ax.grid(alpha=0.3, which="both")
+    return _save(fig, plt, out_png)
+
+
+def _save(fig, plt, out_png) -> Path:
     fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
+    try:
+        with writing(out_png, "the plot is redrawn from metrics.jsonl by the next run"):
+            fig.savefig(out_png, dpi=120)
+    finally:
+        plt.close(fig)
     return Path(out_png)
 
 
@@ -162,7 +169,4 @@ def plot_gates(alphas: dict[str, np.ndarray], out_png, title: str = "MoKA gate w
     ax.set_xlabel("component i")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="alpha_i = softmax(g)_i")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return Path(out_png)
+    return _save(fig, plt, out_png)
