@@ -25,6 +25,7 @@ from flax import nnx
 from moka_jax.io.adapter_format import (ADAPTER_FORMAT, is_adapter_dir, read_adapter_meta,
                                         read_adapter_values, write_adapter)
 from moka_jax.support.diskfull import writing
+from moka_jax.support.finite import check_finite
 from moka_jax.support.outputs import check_output, write_marker
 from moka_jax.support.trees import (CheckpointError, compare_signatures, flat_paths, local_numpy,
                                     nest_paths, path_key, tree_signature)
@@ -133,13 +134,19 @@ def read_meta(path, llama_config=None) -> dict:
 
 
 def read_values(path, llama_config=None) -> dict[str, np.ndarray]:
+    """{path: array} of any adapter directory, every tensor checked finite (where adapter
+    values enter: before they reach a model, a merge or an export)."""
     fmt = detect_format(path)
     if fmt == "safetensors":
-        return read_adapter_values(path)
-    if fmt == "orbax":
-        return _orbax_values(path)
-    from moka_jax.io.peft_io import read_peft
-    return read_peft(path, llama_config)[1]
+        values = read_adapter_values(path)
+    elif fmt == "orbax":
+        values = _orbax_values(path)
+    else:
+        from moka_jax.io.peft_io import read_peft
+        values = read_peft(path, llama_config)[1]
+    for key, v in values.items():
+        check_finite(v, f"adapter {path}: tensor {key}", "train or export the adapter again")
+    return values
 
 
 def load_values(path, live_params, llama_config=None):

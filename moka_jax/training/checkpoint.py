@@ -88,6 +88,16 @@ def read_step_meta(step_dir) -> dict:
     missing = [k for k in _META_KEYS if k not in meta]
     if missing:
         raise CheckpointError(f"meta/metadata: lacks {missing}")
+    step = meta["step"]
+    name = Path(step_dir).name
+    if not isinstance(step, int) or isinstance(step, bool) or (name.isdigit() and
+                                                                step != int(name)):
+        raise CheckpointError(f"meta/metadata: step {step!r} is not this checkpoint's step "
+                              f"({name})")
+    for key in ("data", "fingerprint", "tree"):
+        if not isinstance(meta[key], dict):
+            raise CheckpointError(f"meta/metadata: {key} is {type(meta[key]).__name__}, not a "
+                                  "mapping")
     return meta
 
 

@@ -80,10 +80,16 @@ def train(cfg: Config, plan, *, max_steps: int | None = None, quiet: bool = Fals
     start = 0
     if plan.resume_step is not None:  # the newest intact step (damaged newer ones set aside)
         params, opt_state, meta = ckpt.restore(params, opt_state)
-        batches.restore(meta["data"])
         start = int(meta["step"])
+        # the data position must match the step, unless the data changed (then it cannot)
+        batches.restore(meta["data"], None if plan.data_changes else start)
 
     writer = MetricsWriter(out_dir, enabled=is_main, keep_through=start)  # no step twice
+    run_meta = {"inputs": plan.inputs}  # each checkpoint names the data it was trained on
+    if plan.data_changes:  # accepted by train.allow_data_change: recorded in the run
+        run_meta["data_changes"] = plan.data_changes
+        if plan.data_changes[-1]["step"] == start:  # accepted by this start
+            writer.write(start, data_changed=plan.data_changes[-1]["changes"])
     summary = {"run_dir": str(out_dir), "trainable_params": n_train, "base_params": n_base,
                "trainable_ratio": n_train / n_base, "adapted_layers": len(targets),
                "adapter": cfg.adapter.kind, "resumed_from": start}
@@ -163,7 +169,7 @@ def train(cfg: Config, plan, *, max_steps: int | None = None, quiet: bool = Fals
                                                          mesh, pad))
                 stopping = stop.signum is not None  # read once: save and stop agree
                 if save_now or stopping:
-                    ckpt.save(done, params, opt_state, batches.state())
+                    ckpt.save(done, params, opt_state, batches.state(), run_meta)
                 if stopping and done < cfg.train.steps:
                     stop.after = f"step {done} may be incomplete; {intact()}"
                     writer.flush()
