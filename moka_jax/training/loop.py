@@ -144,11 +144,13 @@ def train(cfg: Config, plan, *, max_steps: int | None = None, quiet: bool = Fals
                 params, opt_state, m = step_fn(params, opt_state, frozen, placed)
                 done = step + 1
                 pending.append((done, m))
-                log_now = done % cfg.train.log_every == 0 or done == total
+                # read once: a signal logs and saves this step, then stops (nothing lost)
+                stopping = stop.signum is not None
+                log_now = done % cfg.train.log_every == 0 or done == total or stopping
                 val_now = val_data is not None and cfg.train.eval_every and \
                     done % cfg.train.eval_every == 0
                 save_now = (cfg.train.save_every and done % cfg.train.save_every == 0) or \
-                    done == cfg.train.steps or stop.signum is not None
+                    done == cfg.train.steps or stopping
                 if not (log_now or val_now or save_now):
                     continue
                 m = sync()
@@ -167,8 +169,7 @@ def train(cfg: Config, plan, *, max_steps: int | None = None, quiet: bool = Fals
                 if val_now:
                     writer.write(done, val_loss=evaluate(step_fn, params, frozen, val_data, cfg,
                                                          mesh, pad))
-                stopping = stop.signum is not None  # read once: save and stop agree
-                if save_now or stopping:
+                if save_now:
                     ckpt.save(done, params, opt_state, batches.state(), run_meta)
                 if stopping and done < cfg.train.steps:
                     stop.after = f"step {done} may be incomplete; {intact()}"
