@@ -66,7 +66,7 @@ class RunLock:
         self.path, self.owner, self.created = path, owner, created
 
     @classmethod
-    def acquire(cls, out_dir, *, note=print) -> RunLock:
+    def acquire(cls, out_dir, *, note=lambda line: print(f"[moka_jax] {line}")) -> RunLock:
         """Take out_dir's lock (creating out_dir), or raise RunLocked naming the owner.
         The same process may take it again (a library caller running one config twice)."""
         out_dir = Path(out_dir)
@@ -93,7 +93,7 @@ class RunLock:
                         "it to finish or stop it, or use another train.out_dir"
                         + ("" if owner.get("host") == me["host"] else
                            f"; if that run is gone, delete {path}")) from None
-                note(f"[moka_jax] {out_dir}: taking over the lock of a run that is gone "
+                note(f"{out_dir}: taking over the lock of a run that is gone "
                      f"({_owner_line(owner)})")
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()

@@ -197,8 +197,9 @@ def check_same_data(cfg: Config, step_dir: Path, step: int, live: dict) -> list 
     if not cfg.train.allow_data_change:
         raise DataError(
             f"{step_dir.parent.parent} was trained to step {step} on other data: "
-            f"{'; '.join(changes)}. Resuming would continue on different data (and a different "
-            "validation split). Restore the data, use a new train.out_dir, or set "
+            f"{'; '.join(changes)}. Resuming would continue on different data"
+            + (" (and a different validation split)" if cfg.data.val_size else "")
+            + ". Restore the data, use a new train.out_dir, or set "
             "train.allow_data_change=true to resume on it (recorded in the run)")
     _say(f"resuming step {step} on changed data (train.allow_data_change): {'; '.join(changes)}")
     return [*meta.get("data_changes", []), {"step": step, "changes": changes}]
