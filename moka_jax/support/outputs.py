@@ -164,6 +164,12 @@ def check_output_file(path, *, command: str, inputs=(), overwrite: bool = False,
     if out.exists() and not overwrite:
         raise OutputError(f"output file {path} already exists; pass {flag} to replace it, or "
                           "choose another path")
+    owner = read_marker(out.parent) if out.exists() else None
+    if owner is not None and owner.get("command") != command:
+        raise OutputError(f"output file {path} is part of the output of "
+                          f"`{owner.get('command', 'an unknown command')}` in {out.parent}; "
+                          f"{command} never replaces another command's files, not even with "
+                          f"{flag}. Choose another path")
     return out
 
 

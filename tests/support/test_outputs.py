@@ -106,7 +106,14 @@ def test_file_rules(tmp_path):
     with pytest.raises(outputs.OutputError, match="already exists; pass --overwrite"):
         outputs.check_output_file(p, command="eval")
     outputs.check_output_file(p, command="eval", overwrite=True)
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["dev.json", "report.json"]
+    # A file of another command's output directory (a run's metrics) is never replaced.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}")
+    outputs.write_marker(run, "train")
+    with pytest.raises(outputs.OutputError, match=r"part of the output of `train`.*not even"):
+        outputs.check_output_file(run / "metrics.jsonl", command="eval", overwrite=True)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["dev.json", "report.json", "run"]
 
 
 
