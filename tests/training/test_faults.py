@@ -155,6 +155,16 @@ def export_orbax_over_old(tmp):
                         "--format", "orbax", "--overwrite"])
 
 
+def save_checkpoint(tmp):
+    import jax.numpy as jnp
+    import optax
+
+    from moka_jax.training.checkpoint import TrainCheckpointer
+    ck = TrainCheckpointer(tmp / "run", {})
+    p = {"a": jnp.ones(3)}
+    ck.save(1, p, optax.adam(1e-3).init(p), {"epoch": 0, "position": 1, "seed": 0})
+
+
 def seed(tmp):
     """What exists before the failing write, and must be whole after it."""
     from moka_jax.io.adapter_format import write_adapter
@@ -173,6 +183,8 @@ DISK_CASES = [
     ("tempfile.mkstemp", write_report, "report.json", "report.json is unchanged"),
     ("orbax.checkpoint.StandardCheckpointer.save", export_orbax_over_old, "orbax",
      "orbax is unchanged"),
+    ("orbax.checkpoint.CheckpointManager.save", save_checkpoint, "run/checkpoints/1",
+     "the checkpoints before it are intact"),
 ]
 
 
