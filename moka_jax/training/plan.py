@@ -4,13 +4,15 @@
     summary = loop.train(cfg, plan) # the loop reads the plan; it never imports this module
 
 It checks, in this order: the config and the environment (data files, model path, the mesh
-against the visible devices, then the batch against the mesh); the run directory (whose run it
-is, never over an input; see outputs.check_output) and its newest intact checkpoint; the model
-directory (config.json, safetensors headers against it, tokenizer files); the adapter against
-the model's layers (targets match, shapes / primes / ranks fit every targeted layer, planned
-on an abstract model); the tokenizer against the embedding; the data (fields, tokenisation,
-what is dropped and why). Only when all of that holds does it touch the run directory
-(replace an old run when train.overwrite asks, write the run's marker).
+against the visible devices, then the batch against the mesh); the run directory (its lock
+first: one live owner, see training.lock; then whose run it is, never over an input, see
+outputs.check_output) and its newest intact checkpoint; the model directory (config.json,
+safetensors headers against it, tokenizer files); the adapter against the model's layers
+(targets match, shapes / primes / ranks fit every targeted layer, planned on an abstract
+model); the tokenizer against the embedding; on a resume, the data and tokenizer by content
+against the checkpoint's (check_same_data); the data (fields, tokenisation, what is dropped and
+why). Only when all of that holds does it touch the run directory (replace an old run when
+train.overwrite asks, write the run's marker); only the lock file is written before.
 """
 
 from __future__ import annotations
