@@ -41,7 +41,7 @@ def rewrite_same_bytes(path):   # a copy or a touch: same content, new mtime
 DATA_CASES = [
     (cut_to_20, False, r"trained to step 4 on other data: data.train\[0\] \(.*train.json\) "
                        r"changed: sha256 \w{12} -> \w{12}\. Resuming would continue on different "
-                       r"data .* set train.allow_data_change=true"),
+                       r"data.* set train.allow_data_change=true"),
     (edit_one_answer, False, r"data.train\[0\] .* changed"),
     (rewrite_same_bytes, False, None),
     (cut_to_20, True, None),
