@@ -4,7 +4,6 @@ One table per mechanism: a new case is one row.
 """
 
 import errno
-import json
 import os
 import signal
 import subprocess

@@ -4,7 +4,6 @@ metadata that agrees with itself. One table per mechanism; the plan runs, no wei
 import json
 
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 
