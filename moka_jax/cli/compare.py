@@ -15,9 +15,11 @@ import json
 import math
 import sys
 
+from moka_jax.cli.errors import guarded
 from moka_jax.support.domains import COUNT, arg
 
 
+@guarded("moka-compare")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m moka_jax.cli.compare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -17,9 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+from moka_jax.cli.errors import guarded
 from moka_jax.support.domains import COUNT, arg
 
 
+@guarded("moka-convert", ValueError, FileNotFoundError, FileExistsError)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="moka-convert", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,18 +36,14 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    try:
-        import jax.numpy as jnp
+    import jax.numpy as jnp
 
-        from moka_jax.models.convert import convert
+    from moka_jax.models.convert import convert
 
-        dst = convert(args.src, args.dst, quant=args.quant,
-                      dtype=jnp.dtype(args.dtype) if args.dtype else None,
-                      block_size=args.block_size, double_quant=args.double_quant,
-                      overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    dst = convert(args.src, args.dst, quant=args.quant,
+                  dtype=jnp.dtype(args.dtype) if args.dtype else None,
+                  block_size=args.block_size, double_quant=args.double_quant,
+                  overwrite=args.overwrite)
     size = sum(f.stat().st_size for f in Path(dst).rglob("*") if f.is_file())
     print(f"wrote {dst} ({size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f}s)")
     return 0

@@ -29,6 +29,7 @@ import os
 import sys
 import time
 
+from moka_jax.cli.errors import guarded
 from moka_jax.config import REPO_ROOT as REPO
 
 
@@ -84,46 +85,42 @@ def parse_args(argv=None):
     return args
 
 
+@guarded("moka-eval", ValueError, FileNotFoundError)
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
     import jax.numpy as jnp
 
     from moka_jax.api import load
-    from moka_jax.cli.errors import user_errors
     from moka_jax.eval import commonsense as cs
     from moka_jax.models.source import resolve
     from moka_jax.support.files import check_tokenizer_dir
     from moka_jax.support.outputs import check_output_file, write_file_atomic
 
-    try:
-        tasks = None
-        # Input problems surface before the model is loaded: the output path, then the data.
-        if args.out:
-            data = args.perplexity or (args.mmlu_dir if args.mmlu else args.data_dir)
-            inputs = [data, args.adapter, None if args.model == "smollm2" else args.model]
-            check_output_file(args.out, command="eval", inputs=inputs, overwrite=args.overwrite)
-        if args.perplexity:
-            from moka_jax.data import load_records
-            load_records(args.perplexity, "alpaca", args.limit)
-        elif not args.mmlu:
-            tasks = cs.load_tasks(args.data_dir, args.tasks, args.limit)
-            if args.mode == "zeroshot":  # every record parses into lm-eval's fields
-                from moka_jax.eval.zeroshot import parse_task
-                for t, recs in tasks.items():
-                    parse_task(t, recs)
-        source = resolve(args.model)
-        if source.path is not None:
-            check_tokenizer_dir(source.path)  # before the weights, not after them
-        t0 = time.perf_counter()
-        model, tok = load(args.model, args.adapter, quant=args.quant, dtype=jnp.float32,
-                          seed=args.seed, progress=True)
-        config = model.config
-        args.template = args.template or training_template(args.adapter)
-        report = run(args, model, config, tok, tasks)
-    except (*user_errors(), ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    tasks = None
+    # Input problems surface before the model is loaded: the output path, then the data.
+    if args.out:
+        data = args.perplexity or (args.mmlu_dir if args.mmlu else args.data_dir)
+        inputs = [data, args.adapter, None if args.model == "smollm2" else args.model]
+        check_output_file(args.out, command="eval", inputs=inputs, overwrite=args.overwrite)
+    if args.perplexity:
+        from moka_jax.data import load_records
+        load_records(args.perplexity, "alpaca", args.limit)
+    elif not args.mmlu:
+        tasks = cs.load_tasks(args.data_dir, args.tasks, args.limit)
+        if args.mode == "zeroshot":  # every record parses into lm-eval's fields
+            from moka_jax.eval.zeroshot import parse_task
+            for t, recs in tasks.items():
+                parse_task(t, recs)
+    source = resolve(args.model)
+    if source.path is not None:
+        check_tokenizer_dir(source.path)  # before the weights, not after them
+    t0 = time.perf_counter()
+    model, tok = load(args.model, args.adapter, quant=args.quant, dtype=jnp.float32,
+                      seed=args.seed, progress=True)
+    config = model.config
+    args.template = args.template or training_template(args.adapter)
+    report = run(args, model, config, tok, tasks)
     report.update(model=args.model, quant=args.quant, adapter=args.adapter,
                   seconds=round(time.perf_counter() - t0, 1))
     if args.out:

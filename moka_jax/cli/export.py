@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from moka_jax.api import merge
+from moka_jax.cli.errors import guarded
 from moka_jax.quant import QUANT_KINDS
 
 FORMATS = ("hf", "peft", "orbax", "peft-lokr")  # peft-lokr: the old name of peft
@@ -60,11 +61,13 @@ def run(args) -> Path:
     check_output(args.out, command=command, inputs=inputs, overwrite=args.overwrite)
     if fmt == "orbax":
         from moka_jax.io.adapter_io import to_orbax
-        return to_orbax(args.adapter, args.out, model=args.model, overwrite=args.overwrite)
+        return to_orbax(args.adapter, args.out, model=args.model, overwrite=args.overwrite,
+                        command=command)
     model, config, tok_dir = load_adapted(args.model, args.adapter)
     if fmt == "peft":
         from moka_jax.io.peft_io import export_peft
-        return export_peft(model, args.out, str(tok_dir or args.model), args.overwrite)
+        return export_peft(model, args.out, str(tok_dir or args.model), args.overwrite,
+                           command=command)
     if args.requantize:
         from moka_jax.models.convert import save_converted
         merged = merge(model, requantize=args.requantize)
@@ -76,6 +79,7 @@ def run(args) -> Path:
     return export_hf(model, config, args.out, tok_dir, args.overwrite, inputs=inputs)
 
 
+@guarded("moka-export", ValueError, FileNotFoundError, FileExistsError)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="moka-export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,11 +95,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.model is None and args.format != "orbax":
         ap.error(f"--model is required for --format {args.format}")
-    try:
-        out = run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = run(args)
     print(json.dumps({"out": str(out), "format": args.format, "requantize": args.requantize}))
     return 0
 

@@ -15,9 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+from moka_jax.cli.errors import guarded
 from moka_jax.support.domains import COUNT, NON_NEGATIVE, TOP_P, arg
 
 
+@guarded("moka-generate", ValueError, FileNotFoundError)
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ap = argparse.ArgumentParser(prog="moka-generate", description=__doc__,
@@ -40,19 +42,15 @@ def main(argv=None) -> int:
     ap.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    try:
-        import jax
+    import jax
 
-        from moka_jax.api import load
-        from moka_jax.eval.generate import answer
+    from moka_jax.api import load
+    from moka_jax.eval.generate import answer
 
-        quant = args.quant or ("none" if jax.default_backend() == "cpu" else "nf4")
-        model, tokenizer = load(args.model, args.adapter, quant=quant)  # tokenizer first
-        if tokenizer is None:
-            raise ValueError(f"{args.model} has no tokenizer files")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    quant = args.quant or ("none" if jax.default_backend() == "cpu" else "nf4")
+    model, tokenizer = load(args.model, args.adapter, quant=quant)  # tokenizer first
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer files")
     t1 = time.perf_counter()
     answers = answer(model, model.config, tokenizer, args.prompt, chat=not args.no_chat,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,

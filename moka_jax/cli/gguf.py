@@ -10,10 +10,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from moka_jax.cli.errors import guarded
 from moka_jax.models import gguf
 from moka_jax.models.gguf import DEFAULT_QUESTION
 
 
+@guarded("moka-gguf", FileNotFoundError, FileExistsError, ValueError)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moka_jax.cli.gguf", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="output directory (default: the cache, see ensure_smollm2)")
@@ -24,16 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.gguf and not args.out:
         parser.error("--gguf needs --out")
 
-    try:
-        if args.out:
-            model_dir = gguf.gguf_to_hf(args.gguf or gguf.find_smollm2_gguf(), args.out, overwrite=args.overwrite)
-        elif args.overwrite:
-            model_dir = gguf.gguf_to_hf(gguf.find_smollm2_gguf(), gguf.smollm2_cache_dir(), overwrite=True)
-        else:
-            model_dir = gguf.ensure_smollm2()
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.out:
+        model_dir = gguf.gguf_to_hf(args.gguf or gguf.find_smollm2_gguf(), args.out, overwrite=args.overwrite)
+    elif args.overwrite:
+        model_dir = gguf.gguf_to_hf(gguf.find_smollm2_gguf(), gguf.smollm2_cache_dir(), overwrite=True)
+    else:
+        model_dir = gguf.ensure_smollm2()
     print(model_dir)
     if args.check:
         answer = gguf.chat_answer(model_dir)

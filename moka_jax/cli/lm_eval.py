@@ -11,8 +11,10 @@ from __future__ import annotations
 import sys
 
 import moka_jax.eval.lm_eval  # noqa: F401  (registers "moka_jax" in lm-eval's model registry)
+from moka_jax.cli.errors import guarded
 
 
+@guarded("moka-lm-eval")
 def main(argv=None) -> int:
     """lm-eval's command line, with the moka_jax model registered."""
     from lm_eval.__main__ import cli_evaluate

@@ -6,9 +6,11 @@
 import argparse
 import sys
 
+from moka_jax.cli.errors import guarded
 from moka_jax.config import ConfigError, load_config
 
 
+@guarded("moka-train")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="moka-train", description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="YAML config file (see configs/)")
@@ -21,15 +23,11 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     # Heavy imports only after the config is valid. The plan checks everything a run needs
-    # before any weight is loaded; an input problem found then, or later, exits with 2.
-    from moka_jax.cli.errors import user_errors
+    # before any weight is loaded; an input problem found then, or later, exits with 2, and
+    # a fault (signal, full disk, divergence) with one line (cli.errors).
     from moka_jax.training.run import train
 
-    try:
-        train(cfg)
-    except user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    train(cfg)
     return 0
 
 

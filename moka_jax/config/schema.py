@@ -145,6 +145,8 @@ class TrainConfig:
     out_dir: str = "runs/{name}"
     resume: bool = True            # continue from the latest checkpoint in out_dir
     overwrite: bool = False        # replace a run directory of another config / resume: false
+    # resume although a data file or the tokenizer changed since the checkpoint (recorded)
+    allow_data_change: bool = False
 
 
 @dataclass(frozen=True)

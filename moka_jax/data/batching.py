@@ -271,10 +271,30 @@ class BatchIterator:
     def state(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
 
-    def restore(self, state: dict) -> None:
-        if int(state["seed"]) != self.seed:
-            raise DataError(f"data state has seed {state['seed']}, this iterator {self.seed}")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+    def restore(self, state: dict, step: int | None = None) -> None:
+        """Continue from `state`. step: the checkpoint's step, which the state must have served
+        exactly (a damaged or foreign data position is refused, not replayed); None when the
+        data changed since (train.allow_data_change): a position past the new data's epoch
+        then starts the next epoch."""
+        try:
+            seed, epoch, position = (int(state[k]) for k in ("seed", "epoch", "position"))
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"data state {state!r} is damaged (it needs integer seed, epoch "
+                            "and position)") from None
+        if seed != self.seed:
+            raise DataError(f"data state has seed {seed}, this iterator {self.seed}")
+        if epoch < 0 or position < 0:
+            raise DataError(f"data state has epoch {epoch}, position {position}: negative")
+        n = len(self.plan(epoch))
+        if step is None:
+            position = min(position, n)
+        else:
+            served = sum(len(self.plan(e)) for e in range(epoch)) + position
+            if position > n or served != step:
+                raise DataError(f"data state (epoch {epoch}, position {position} of {n}) has "
+                                f"served {served} batches, but its checkpoint is at step {step}: "
+                                "the checkpoint's metadata does not belong to this run's data")
+        self.epoch, self.position = epoch, position
 
 
 def eval_batches(data: TokenizedData, batch_size: int, buckets, pad_id: int = 0, *,

@@ -28,6 +28,7 @@ import numpy as np
 
 from moka_jax.config import DataFields, resolve_path
 from moka_jax.data import records as D
+from moka_jax.data.identity import file_sha256, tokenizer_fingerprint
 from moka_jax.data.records import DataError, TokenizedData
 from moka_jax.support import files
 
@@ -364,48 +365,19 @@ def _flat(ds, col) -> tuple[np.ndarray, np.ndarray]:
 
 def _cache_key(source, ds, limit, tokenizer, fields, format, kw) -> str | None:
     """A fingerprint of everything the tokenised rows depend on; None = do not cache."""
-    tok = _tokenizer_fingerprint(tokenizer)
+    tok = tokenizer_fingerprint(tokenizer)  # None: tokenise without a cache
     if tok is None:
         return None
     if is_dataset(source) or Path(source).is_dir():
         src = ds._fingerprint  # datasets' own: content + transforms (+ files' mtimes)
     else:
-        src = _file_sha256(Path(source))
+        src = file_sha256(Path(source))
     parts = {"source": src, "limit": limit, "tokenizer": tok, "format": format,
              "fields": [fields.instruction, fields.input, fields.output], **kw,
              "code": hashlib.sha256(inspect.getsource(D).encode()
                                     + inspect.getsource(sys.modules[__name__]).encode()).hexdigest(),
              "datasets": datasets.__version__}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _tokenizer_fingerprint(tokenizer) -> str | None:
-    """The fast tokenizer's full JSON (vocab, merges, normalizer, truncation / padding state)
-    plus its special tokens and chat template; a slow tokenizer through datasets' Hasher."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    h = hashlib.sha256(type(tokenizer).__name__.encode())
-    if backend is not None:
-        h.update(backend.to_str().encode())
-    else:
-        try:
-            h.update(datasets.fingerprint.Hasher.hash(tokenizer).encode())
-        except Exception:  # noqa: BLE001 - an unhashable tokenizer just means no cache
-            log.warning("tokenizer %s cannot be fingerprinted; tokenising without a cache",
-                        type(tokenizer).__name__)
-            return None
-    extra = {"eos": tokenizer.eos_token, "eos_id": tokenizer.eos_token_id,
-             "bos": getattr(tokenizer, "bos_token", None),
-             "chat": getattr(tokenizer, "chat_template", None)}
-    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
-    return h.hexdigest()
 
 
 __all__ = ["SUFFIXES", "Where", "build_datasets", "cache_root", "check_columns", "is_dataset",

@@ -24,6 +24,8 @@ from flax import nnx
 
 from moka_jax.io.adapter_format import (ADAPTER_FORMAT, is_adapter_dir, read_adapter_meta,
                                         read_adapter_values, write_adapter)
+from moka_jax.support.diskfull import writing
+from moka_jax.support.finite import check_finite
 from moka_jax.support.outputs import check_output, write_marker
 from moka_jax.support.trees import (CheckpointError, compare_signatures, flat_paths, local_numpy,
                                     nest_paths, path_key, tree_signature)
@@ -59,7 +61,8 @@ def _pure(params):
 
 # ---- orbax -------------------------------------------------------------------------------
 
-def save_orbax(out_dir, params, meta: dict, overwrite: bool = False) -> Path:
+def save_orbax(out_dir, params, meta: dict, overwrite: bool = False, *,
+               command: str = "save_orbax") -> Path:
     """The adapter tree as an orbax checkpoint; call it on EVERY process of a multi-host run
     (orbax's save is collective). The adapter is replicated, so host copies are written: the
     checkpoint then records no device topology and restores anywhere without a target. An
@@ -68,19 +71,28 @@ def save_orbax(out_dir, params, meta: dict, overwrite: bool = False) -> Path:
     from jax.experimental import multihost_utils
 
     out_dir = Path(out_dir).expanduser().absolute()
-    check_output(out_dir, command="save_orbax", overwrite=overwrite)  # never someone's files
+    check_output(out_dir, command=command, overwrite=overwrite)  # never someone's files
     old = out_dir.with_name(f".{out_dir.name}.old") if out_dir.exists() else None
     if old is not None:
         if jax.process_index() == 0:
             shutil.rmtree(old, ignore_errors=True)
             out_dir.rename(old)
         multihost_utils.sync_global_devices("moka_jax.save_orbax:aside")
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(out_dir, _string_keys(local_numpy(_pure(params))), custom_metadata=meta)
-    ckptr.wait_until_finished()
-    ckptr.close()
+    try:
+        with writing(out_dir, f"{out_dir} is unchanged" if old else
+                     f"nothing was written to {out_dir}"):
+            ckptr = ocp.StandardCheckpointer()
+            ckptr.save(out_dir, _string_keys(local_numpy(_pure(params))), custom_metadata=meta)
+            ckptr.wait_until_finished()
+            ckptr.close()
+    except BaseException:  # the half-written checkpoint goes, the old one comes back
+        if jax.process_index() == 0:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            if old is not None:
+                old.rename(out_dir)
+        raise
     if jax.process_index() == 0:
-        write_marker(out_dir, "save_orbax")
+        write_marker(out_dir, command)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return out_dir
@@ -122,13 +134,19 @@ def read_meta(path, llama_config=None) -> dict:
 
 
 def read_values(path, llama_config=None) -> dict[str, np.ndarray]:
+    """{path: array} of any adapter directory, every tensor checked finite (where adapter
+    values enter: before they reach a model, a merge or an export)."""
     fmt = detect_format(path)
     if fmt == "safetensors":
-        return read_adapter_values(path)
-    if fmt == "orbax":
-        return _orbax_values(path)
-    from moka_jax.io.peft_io import read_peft
-    return read_peft(path, llama_config)[1]
+        values = read_adapter_values(path)
+    elif fmt == "orbax":
+        values = _orbax_values(path)
+    else:
+        from moka_jax.io.peft_io import read_peft
+        values = read_peft(path, llama_config)[1]
+    for key, v in values.items():
+        check_finite(v, f"adapter {path}: tensor {key}", "train or export the adapter again")
+    return values
 
 
 def load_values(path, live_params, llama_config=None):
@@ -174,7 +192,8 @@ def save(out_dir, params, *, format: str = "safetensors", adapter_config: dict, 
                          targets=targets, base=base, overwrite=overwrite)
 
 
-def to_orbax(adapter_dir, out_dir, *, model=None, overwrite: bool = False) -> Path:
+def to_orbax(adapter_dir, out_dir, *, model=None, overwrite: bool = False,
+             command: str = "save_orbax") -> Path:
     """Any adapter directory as an orbax adapter tree; no base is loaded (a PEFT directory
     needs `model`, the base's name or directory, for its config only)."""
     config = None
@@ -187,4 +206,5 @@ def to_orbax(adapter_dir, out_dir, *, model=None, overwrite: bool = False) -> Pa
         config = read_config(resolve(model).path)
     meta = {k: v for k, v in read_meta(adapter_dir, config).items() if k != "source"}
     values = read_values(adapter_dir, config)
-    return save_orbax(out_dir, nest_paths(values), {**meta, "format": ADAPTER_FORMAT}, overwrite)
+    return save_orbax(out_dir, nest_paths(values), {**meta, "format": ADAPTER_FORMAT}, overwrite,
+                      command=command)

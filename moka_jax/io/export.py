@@ -17,10 +17,13 @@ from flax import nnx
 from moka_jax import quant as quant_lib
 from moka_jax.models.hf import node_at, save_hf
 from moka_jax.nn import Linear, linear_paths
+from moka_jax.support.finite import check_finite
 
-def _merged_linear(layer: Linear, requantize: str | None) -> Linear:
+def _merged_linear(layer: Linear, requantize: str | None, path: str) -> Linear:
     """An adapter-free Linear holding W0 (dequantised) + dW, dense or re-quantised."""
-    w = np.asarray(layer.merged_weight(jnp.float32))  # dW is materialised once, here
+    w = check_finite(np.asarray(layer.merged_weight(jnp.float32)),  # dW materialised once
+                     f"{path}: the base weight with the adapter merged in",
+                     "check the adapter (moka-export names its tensors when it loads it)")
     bias = None if layer.bias is None else layer.bias.get_value()
     k = layer.kernel.get_value()
     if requantize is not None:
@@ -56,7 +59,7 @@ def merge_model(model, requantize: str | None = None):
     merged = nnx.clone(model)  # shares the (immutable) arrays, not a second copy of the base
     for path, layer in linear_paths(merged):
         if layer.adapter is not None:
-            _set_node(merged, path, _merged_linear(layer, requantize))
+            _set_node(merged, path, _merged_linear(layer, requantize, path))
     return merged
 
 

@@ -196,7 +196,7 @@ def peft_adapters(model, base_model_name_or_path: str | None = None) -> list[Pef
 
 
 def export_peft(model, out_dir, base_model_name_or_path: str | None = None,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, *, command: str = "save_peft") -> Path:
     """Write the model's adapters as a PEFT directory (all checks before anything is written).
 
     One adapter: adapter_config.json + adapter_model.safetensors, for
@@ -210,7 +210,7 @@ def export_peft(model, out_dir, base_model_name_or_path: str | None = None,
     from moka_jax.models.hf import atomic_output_dir
 
     adapters = peft_adapters(model, base_model_name_or_path)
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, command=command) as tmp:
         for i, a in enumerate(adapters):
             d = tmp if i == 0 else tmp / a.name
             d.mkdir(exist_ok=True)

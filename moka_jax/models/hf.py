@@ -22,6 +22,7 @@ from flax import nnx
 
 from moka_jax.support import files as fio
 from moka_jax.support import outputs
+from moka_jax.support.finite import check_finite
 from moka_jax.models.llama import Llama, LlamaConfig
 from moka_jax.models.source import CONVERTED_MARKER
 from moka_jax.nn import Linear
@@ -110,7 +111,8 @@ def _read_tensor(name: str, e: _Entry) -> np.ndarray:
     if raw.size != e.nbytes:  # the header was checked against the size; the file shrank since
         raise CheckpointError(e.file, f"tensor {name} is cut short ({raw.size} of {e.nbytes} "
                               "bytes): the file is truncated", _REFETCH)
-    return raw.view(dt).reshape(e.shape)
+    # checked as it streams: a NaN / inf weight never reaches a model
+    return check_finite(raw.view(dt).reshape(e.shape), f"{e.file}: tensor {name}", _REFETCH)
 
 
 def _st_dtype_name(dtype) -> str:
@@ -340,6 +342,14 @@ def copy_tokenizer_files(src, dst) -> list[str]:
 
 
 def _tensor_getter(model, spec: TensorSpec, merged: bool):
+    """The tensor's values, checked finite (an adapter's NaN would become a merged weight's)."""
+    get = _raw_getter(model, spec, merged)
+    adapted = merged and getattr(node_at(model, spec.path), "adapter", None) is not None
+    what = f"{spec.hf_name} ({'merged weight' if adapted else 'weight'})"
+    return lambda: check_finite(get(), what, "nothing was written; check the adapter and base")
+
+
+def _raw_getter(model, spec: TensorSpec, merged: bool):
     node = node_at(model, spec.path)
     if spec.kind == "frozen":
         return lambda: np.asarray(node.get_value().astype(jnp.float32))

@@ -6,8 +6,11 @@ check_output, which
 
 - refuses, even with overwrite, a path that is one of the command's own inputs or holds one
   (`convert SRC SRC --overwrite` would delete SRC);
-- refuses a directory with another command's or another run's output unless told to
+- refuses a directory with another run's output of the same command unless told to
   overwrite, listing what differs;
+- never replaces another command's output (an export over a training run), not even with
+  overwrite: the marker's command names the command and the kind it wrote (`train`,
+  `export-hf`, `export-peft`, `convert`, ...), and overwrite replaces only its own kind;
 - never replaces a directory holding files that moka_jax did not write (no marker): overwrite
   replaces our outputs only, so a mistyped --out never deletes someone's files.
 
@@ -24,7 +27,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from moka_jax.support.diskfull import writing
+
 MARKER = ".moka_jax_output.json"
+LOCK = ".moka_jax_lock.json"  # a live run's owner (training.lock): bookkeeping, not data
+_BOOKKEEPING = (MARKER, LOCK)
 
 
 class OutputError(FileExistsError):
@@ -85,6 +92,10 @@ def check_not_input(path, inputs, what: str = "output") -> Path:
     return out
 
 
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+
+
 def check_output(path, *, command: str, inputs=(), overwrite: bool = False, owner=None,
                  reuse: bool = False, known: tuple = (), flag: str = "--overwrite",
                  fix: str | None = None) -> str:
@@ -92,7 +103,8 @@ def check_output(path, *, command: str, inputs=(), overwrite: bool = False, owne
 
     "new"      absent, empty, or holding only a marker;
     "same"     `command`'s own output for `owner`, and `reuse` (a run that resumes);
-    "replace"  an earlier output of ours that `overwrite` allows replacing.
+    "replace"  an earlier output of `command` (same command and kind) that `overwrite` allows
+               replacing; another command's output is never replaced.
     Anything else raises OutputError naming the directory, what it holds and the fix.
     known: entry names that identify `command`'s output when a marker is missing (older runs).
     fix: the advice when refused (default: pass `flag`, or choose another directory).
@@ -103,7 +115,7 @@ def check_output(path, *, command: str, inputs=(), overwrite: bool = False, owne
         raise OutputError(f"{path} is a file, but {command} writes a directory there; choose "
                           "another output path")
     # Empty sub-directories (a run that stopped before writing anything) hold nothing to lose.
-    content = sorted(e.name for e in p.iterdir() if e.name != MARKER and _holds_data(e)) \
+    content = sorted(e.name for e in p.iterdir() if e.name not in _BOOKKEEPING and _holds_data(e)) \
         if p.is_dir() else []
     if not content:
         return "new"
@@ -112,19 +124,21 @@ def check_output(path, *, command: str, inputs=(), overwrite: bool = False, owne
         marker = {"command": command}  # an output of ours from before markers existed
     if marker is None:
         raise OutputError(
-            f"{path} holds files that moka_jax did not write ({', '.join(content[:5])}"
-            f"{', ...' if len(content) > 5 else ''}); {command} never replaces those, not even "
-            "with overwrite. Choose a new or empty directory")
+            f"{path} holds files that moka_jax did not write ({_listing(content)}); {command} "
+            "never replaces those, not even with overwrite. Choose a new or empty directory")
     theirs = marker.get("command", "an unknown command")
     same_owner = theirs == command and marker.get("owner") == owner
     if same_owner and reuse:
         return "same"
+    if theirs != command:
+        raise OutputError(
+            f"{path} holds the output of `{theirs}` ({_listing(content)}); {command} never "
+            f"replaces another command's output, not even with {flag}. Choose another "
+            "directory")
     if overwrite:
         return "replace"
     detail = ""
-    if theirs != command:
-        held = f"the output of `{theirs}`"
-    elif same_owner:
+    if same_owner:
         held = "this same output (the same config)" if owner is not None else \
             f"an earlier output of `{command}`"
     elif isinstance(marker.get("owner"), dict) and isinstance(owner, dict):
@@ -150,21 +164,30 @@ def check_output_file(path, *, command: str, inputs=(), overwrite: bool = False,
     if out.exists() and not overwrite:
         raise OutputError(f"output file {path} already exists; pass {flag} to replace it, or "
                           "choose another path")
+    owner = read_marker(out.parent) if out.exists() else None
+    if owner is not None and owner.get("command") != command:
+        raise OutputError(f"output file {path} is part of the output of "
+                          f"`{owner.get('command', 'an unknown command')}` in {out.parent}; "
+                          f"{command} never replaces another command's files, not even with "
+                          f"{flag}. Choose another path")
     return out
 
 
 def write_file_atomic(path, text: str) -> Path:
     """Write text beside `path`, then rename: a crash never leaves half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        with writing(path, f"{path} is unchanged"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise
     return path
 
@@ -178,14 +201,17 @@ def atomic_output_dir(out_dir, overwrite: bool = False, *, command: str = "moka_
     check_output(out_dir, command=command, inputs=inputs, overwrite=overwrite, owner=owner,
                  reuse=reuse)
     out_dir = Path(out_dir).expanduser().absolute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    intact = f"{out_dir} is unchanged" if out_dir.exists() else f"nothing was written to {out_dir}"
+    with writing(out_dir, intact):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the output from other users
     try:
-        write_marker(tmp, command, inputs, owner)
-        yield tmp
+        with writing(out_dir, intact):  # the half-written copy is removed below
+            write_marker(tmp, command, inputs, owner)
+            yield tmp
         old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old.{os.getpid()}")
@@ -198,5 +224,5 @@ def atomic_output_dir(out_dir, overwrite: bool = False, *, command: str = "moka_
         raise
 
 
-__all__ = ["MARKER", "OutputError", "atomic_output_dir", "check_not_input", "check_output",
+__all__ = ["LOCK", "MARKER", "OutputError", "atomic_output_dir", "check_not_input", "check_output",
            "check_output_file", "dict_diff", "read_marker", "write_file_atomic", "write_marker"]

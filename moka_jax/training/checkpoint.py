@@ -23,6 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from moka_jax.support import files, outputs
+from moka_jax.support.diskfull import writing
 from moka_jax.support.trees import CheckpointError, compare_signatures, tree_signature
 
 
@@ -88,6 +89,16 @@ def read_step_meta(step_dir) -> dict:
     missing = [k for k in _META_KEYS if k not in meta]
     if missing:
         raise CheckpointError(f"meta/metadata: lacks {missing}")
+    step = meta["step"]
+    name = Path(step_dir).name
+    if not isinstance(step, int) or isinstance(step, bool) or (name.isdigit() and
+                                                                step != int(name)):
+        raise CheckpointError(f"meta/metadata: step {step!r} is not this checkpoint's step "
+                              f"({name})")
+    for key in ("data", "fingerprint", "tree"):
+        if not isinstance(meta[key], dict):
+            raise CheckpointError(f"meta/metadata: {key} is {type(meta[key]).__name__}, not a "
+                                  "mapping")
     return meta
 
 
@@ -169,9 +180,11 @@ class TrainCheckpointer:
     def save(self, step: int, params, opt_state, data_state: dict, extra: dict | None = None):
         meta = {"step": int(step), "data": data_state, "fingerprint": self.fingerprint,
                 "tree": tree_signature(params), **(extra or {})}
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
-            meta=ocp.args.JsonSave(meta)))
+        # orbax writes a temporary directory and renames it: earlier steps stay whole
+        with writing(self.dir / str(step), "the checkpoints before it are intact"):
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
+                meta=ocp.args.JsonSave(meta)))
 
     def restore(self, params, opt_state, step: int | None = None, *, log=None):
         """(params, opt_state, meta) of the newest intact step (<= step), restored into the
@@ -223,8 +236,9 @@ class TrainCheckpointer:
         return dest
 
     def wait(self):
-        self.manager.wait_until_finished()
+        with writing(self.dir, "the checkpoints before the last one are intact"):
+            self.manager.wait_until_finished()  # an async save's error surfaces here
 
     def close(self):
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()

@@ -24,10 +24,12 @@ from moka_jax.config import Config
 from moka_jax.data.batching import BatchIterator, eval_batches
 from moka_jax.data.records import pad_id
 from moka_jax.io.adapter_format import write_adapter
+from moka_jax.support.diskfull import as_disk_full, writing
 from moka_jax.support.trees import local_numpy
 from moka_jax.training import sharding
-from moka_jax.training.checkpoint import TrainCheckpointer
+from moka_jax.training.checkpoint import TrainCheckpointer, list_steps
 from moka_jax.training.guard import ZeroGradWatch, divergence
+from moka_jax.training.interrupt import Interrupted, deferred_signals, signal_name
 from moka_jax.training.metrics import MetricsWriter, plot_gates, plot_loss, read_metrics
 from moka_jax.training.optim import gate_entropy, lr_schedule, make_optimizer
 from moka_jax.training.step import TrainStep, split_model, step_inputs
@@ -78,10 +80,16 @@ def train(cfg: Config, plan, *, max_steps: int | None = None, quiet: bool = Fals
     start = 0
     if plan.resume_step is not None:  # the newest intact step (damaged newer ones set aside)
         params, opt_state, meta = ckpt.restore(params, opt_state)
-        batches.restore(meta["data"])
         start = int(meta["step"])
+        # the data position must match the step, unless the data changed (then it cannot)
+        batches.restore(meta["data"], None if plan.data_changes else start)
 
     writer = MetricsWriter(out_dir, enabled=is_main, keep_through=start)  # no step twice
+    run_meta = {"inputs": plan.inputs}  # each checkpoint names the data it was trained on
+    if plan.data_changes:  # accepted by train.allow_data_change: recorded in the run
+        run_meta["data_changes"] = plan.data_changes
+        if plan.data_changes[-1]["step"] == start:  # accepted by this start
+            writer.write(start, data_changed=plan.data_changes[-1]["changes"])
     summary = {"run_dir": str(out_dir), "trainable_params": n_train, "base_params": n_base,
                "trainable_ratio": n_train / n_base, "adapted_layers": len(targets),
                "adapter": cfg.adapter.kind, "resumed_from": start}
@@ -121,38 +129,64 @@ def train(cfg: Config, plan, *, max_steps: int | None = None, quiet: bool = Fals
         pending.clear()
         return last_m
 
-    for step in bar:
-        batch = next(batches)
-        lengths_seen.add(batch["input_ids"].shape[1])
-        tok_acc += int(batch["attention_mask"].sum())
-        placed = sharding.place_batch(step_inputs(batch), mesh, cfg.train.grad_accum)
-        params, opt_state, m = step_fn(params, opt_state, frozen, placed)
-        done = step + 1
-        pending.append((done, m))
-        log_now = done % cfg.train.log_every == 0 or done == total
-        val_now = val_data is not None and cfg.train.eval_every and done % cfg.train.eval_every == 0
-        save_now = (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.steps
-        if not (log_now or val_now or save_now):
-            continue
-        m = sync()
-        if log_now:
-            now = time.perf_counter()
-            lr = float(schedule(done - 1))
-            rec = {"loss": losses[-1], "lr": lr, "grad_norm": float(m["grad_norm"]),
-                   "tokens_per_s": tok_acc / (now - t_last)}
-            entropy = gate_entropy(params)  # MoKA only: are the gates moving off uniform?
-            if entropy is not None:
-                rec["gate_entropy"] = entropy
-            writer.write(done, **rec)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}",
-                            tok_s=f"{rec['tokens_per_s']:.0f}")
-            t_last, tok_acc = now, 0
-        if val_now:
-            writer.write(done, val_loss=evaluate(step_fn, params, frozen, val_data, cfg, mesh, pad))
-        if save_now:
-            ckpt.save(done, params, opt_state, batches.state())
-    sync()
-    ckpt.close()
+    def intact() -> str:
+        last = next(iter(list_steps(ckpt.dir)), None)  # finalised on disk, not in flight
+        return (f"checkpoint step {last} in {ckpt.dir} is intact; the same command resumes "
+                "from it" if last is not None else "no checkpoint was written yet")
+
+    try:
+        with deferred_signals(jax.process_count() == 1) as stop:
+            for step in bar:
+                batch = next(batches)
+                lengths_seen.add(batch["input_ids"].shape[1])
+                tok_acc += int(batch["attention_mask"].sum())
+                placed = sharding.place_batch(step_inputs(batch), mesh, cfg.train.grad_accum)
+                params, opt_state, m = step_fn(params, opt_state, frozen, placed)
+                done = step + 1
+                pending.append((done, m))
+                # read once: a signal logs and saves this step, then stops (nothing lost)
+                stopping = stop.signum is not None
+                log_now = done % cfg.train.log_every == 0 or done == total or stopping
+                val_now = val_data is not None and cfg.train.eval_every and \
+                    done % cfg.train.eval_every == 0
+                save_now = (cfg.train.save_every and done % cfg.train.save_every == 0) or \
+                    done == cfg.train.steps or stopping
+                if not (log_now or val_now or save_now):
+                    continue
+                m = sync()
+                if log_now:
+                    now = time.perf_counter()
+                    lr = float(schedule(done - 1))
+                    rec = {"loss": losses[-1], "lr": lr, "grad_norm": float(m["grad_norm"]),
+                           "tokens_per_s": tok_acc / (now - t_last)}
+                    entropy = gate_entropy(params)  # MoKA only: are the gates moving?
+                    if entropy is not None:
+                        rec["gate_entropy"] = entropy
+                    writer.write(done, **rec)
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}",
+                                    tok_s=f"{rec['tokens_per_s']:.0f}")
+                    t_last, tok_acc = now, 0
+                if val_now:
+                    writer.write(done, val_loss=evaluate(step_fn, params, frozen, val_data, cfg,
+                                                         mesh, pad))
+                if save_now:
+                    ckpt.save(done, params, opt_state, batches.state(), run_meta)
+                if stopping and done < cfg.train.steps:
+                    stop.after = f"step {done} may be incomplete; {intact()}"
+                    writer.flush()
+                    ckpt.close()
+                    bar.close()
+                    resume = "" if cfg.train.resume else " with --set train.resume=true"
+                    raise Interrupted(stop.signum, (
+                        f"interrupted by {signal_name(stop.signum)}: saved checkpoint step "
+                        f"{done} in {ckpt.dir}; run the same command{resume} to resume from it"))
+            sync()
+            ckpt.close()
+    except Exception as e:
+        full = as_disk_full(e, out_dir, intact())
+        if full is None:
+            raise
+        raise full from None
     summary["losses"] = losses
     summary["compilations"] = step_fn.compilations
     summary["buckets_seen"] = sorted(lengths_seen)
@@ -165,7 +199,8 @@ def train(cfg: Config, plan, *, max_steps: int | None = None, quiet: bool = Fals
         # Host copies first: on a multi-host run eager math on global arrays would wait for
         # the other processes, which do not run this block.
         local = local_numpy(params)
-        summary.update(finish(cfg, plan, nnx.merge(graphdef, local, frozen), local, writer))
+        with writing(out_dir, f"checkpoint step {cfg.train.steps} in {ckpt.dir} is intact"):
+            summary.update(finish(cfg, plan, nnx.merge(graphdef, local, frozen), local, writer))
     writer.close()
     if is_main and not quiet:
         print("[moka_jax] summary " + json.dumps({k: v for k, v in summary.items()

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moka_jax.support.diskfull import writing
+
 
 class MetricsWriter:
     """Appends one JSON object per record to out_dir/metrics.jsonl; mirrors scalars to TB.
@@ -37,7 +39,8 @@ class MetricsWriter:
         if not self.enabled:
             return
         rec = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
-        self._file.write(json.dumps(rec) + "\n")
+        with writing(self._file.name):
+            self._file.write(json.dumps(rec) + "\n")
         if self._tb is not None:
             for k, v in rec.items():
                 if k != "step" and isinstance(v, int | float):
@@ -126,9 +129,16 @@ def plot_losses(runs: dict[str, list[dict]], out_png, title: str = "training los
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats / token)")
         ax.grid(alpha=0.3, which="both")
+    return _save(fig, plt, out_png)
+
+
+def _save(fig, plt, out_png) -> Path:
     fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
+    try:
+        with writing(out_png, "the plot is redrawn from metrics.jsonl by the next run"):
+            fig.savefig(out_png, dpi=120)
+    finally:
+        plt.close(fig)
     return Path(out_png)
 
 
@@ -159,7 +169,4 @@ def plot_gates(alphas: dict[str, np.ndarray], out_png, title: str = "MoKA gate w
     ax.set_xlabel("component i")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="alpha_i = softmax(g)_i")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return Path(out_png)
+    return _save(fig, plt, out_png)

@@ -4,13 +4,15 @@
     summary = loop.train(cfg, plan) # the loop reads the plan; it never imports this module
 
 It checks, in this order: the config and the environment (data files, model path, the mesh
-against the visible devices, then the batch against the mesh); the run directory (whose run it
-is, never over an input; see outputs.check_output) and its newest intact checkpoint; the model
-directory (config.json, safetensors headers against it, tokenizer files); the adapter against
-the model's layers (targets match, shapes / primes / ranks fit every targeted layer, planned
-on an abstract model); the tokenizer against the embedding; the data (fields, tokenisation,
-what is dropped and why). Only when all of that holds does it touch the run directory
-(replace an old run when train.overwrite asks, write the run's marker).
+against the visible devices, then the batch against the mesh); the run directory (its lock
+first: one live owner, see training.lock; then whose run it is, never over an input, see
+outputs.check_output) and its newest intact checkpoint; the model directory (config.json,
+safetensors headers against it, tokenizer files); the adapter against the model's layers
+(targets match, shapes / primes / ranks fit every targeted layer, planned on an abstract
+model); the tokenizer against the embedding; on a resume, the data and tokenizer by content
+against the checkpoint's (check_same_data); the data (fields, tokenisation, what is dropped and
+why). Only when all of that holds does it touch the run directory (replace an old run when
+train.overwrite asks, write the run's marker); only the lock file is written before.
 """
 
 from __future__ import annotations
@@ -44,6 +46,15 @@ class RunPlan:
     resume_step: int | None        # newest intact checkpoint to resume from
     run_state: str                 # "new" | "same" (resume) | "replace"
     data_report: list[dict]
+    lock: object = None            # training.lock.RunLock held for the run (process 0)
+    inputs: dict | None = None     # data.identity: every data file's sha256, the tokenizer's
+    data_changes: list | None = None  # accepted by train.allow_data_change: [{"step", "changes"}]
+
+    def release(self) -> None:
+        """Give the run directory back (the run ended, or stopped)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def _say(line: str) -> None:
@@ -52,7 +63,8 @@ def _say(line: str) -> None:
 
 # Keys that may change between a run and its resumption without changing what is trained.
 _VOLATILE = {"train": {"steps", "log_every", "eval_every", "eval_batches", "save_every",
-                       "keep_last", "resume", "overwrite", "out_dir"}, "mesh": None}
+                       "keep_last", "resume", "overwrite", "out_dir",
+                       "allow_data_change"}, "mesh": None}
 # Keys added after runs were checkpointed, at the value that trains as before: left out of the
 # fingerprint there, so those runs still resume.
 _ADDED_LATER = {"train": {"gate_lr_mult": 1.0}, "data": {"fields": dataclasses.asdict(DataFields())}}
@@ -171,6 +183,30 @@ def claim_run_dir(cfg: Config, out_dir: Path, fp: dict, inputs) -> tuple[str, in
     return state, step  # damaged newer steps: restore reports them (one line each)
 
 
+def check_same_data(cfg: Config, step_dir: Path, step: int, live: dict) -> list | None:
+    """The run's accepted data changes, [{"step", "changes"}], carried from checkpoint to
+    checkpoint: unchanged data and tokenizer (or a checkpoint from before data hashes) keep the
+    list; a change is refused with DataError naming each file, or, with
+    train.allow_data_change, added to it (metrics.jsonl records it too)."""
+    from moka_jax.data.identity import data_changes
+    from moka_jax.data.records import DataError
+    from moka_jax.training.checkpoint import read_step_meta
+
+    meta = read_step_meta(step_dir)
+    changes = data_changes(meta["inputs"], live) if "inputs" in meta else []
+    if not changes:
+        return meta.get("data_changes")
+    if not cfg.train.allow_data_change:
+        raise DataError(
+            f"{step_dir.parent.parent} was trained to step {step} on other data: "
+            f"{'; '.join(changes)}. Resuming would continue on different data"
+            + (" (and a different validation split)" if cfg.data.val_size else "")
+            + ". Restore the data, use a new train.out_dir, or set "
+            "train.allow_data_change=true to resume on it (recorded in the run)")
+    _say(f"resuming step {step} on changed data (train.allow_data_change): {'; '.join(changes)}")
+    return [*meta.get("data_changes", []), {"step": step, "changes": changes}]
+
+
 def _apply_run_dir(state: str, out_dir: Path, fp: dict) -> None:
     import jax
 
@@ -215,8 +251,6 @@ def plan_run(cfg: Config, num_devices: int | None = None, *, quiet: bool = False
     import jax
 
     from moka_jax.config import resolve_mesh
-    from moka_jax.data.records import load_tokenizer
-    from moka_jax.data.sources import build_datasets
 
     if num_devices is None:
         from moka_jax.training import sharding
@@ -232,6 +266,37 @@ def plan_run(cfg: Config, num_devices: int | None = None, *, quiet: bool = False
                         if isinstance(f.path, str))]  # not in-memory datasets
     if tok not in ("bytes", "smollm2"):
         inputs.append(resolve_path(tok))
+    lock = take_run_dir(out_dir, inputs)
+    try:
+        return _plan_locked(cfg, out_dir, fp, source, tok, inputs, mesh, lock, quiet)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def take_run_dir(out_dir: Path, inputs):
+    """The run directory's lock (process 0), before anything there is read: a live run's
+    checkpoints, pruning and metrics are its own. Never taken inside an input."""
+    import jax
+
+    from moka_jax.training.lock import RunLock
+
+    outputs.check_not_input(out_dir, inputs)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise outputs.OutputError(f"train.out_dir {out_dir} is a file; choose a directory")
+    if jax.process_index() != 0:
+        return None
+    return RunLock.acquire(out_dir, note=_say)
+
+
+def _plan_locked(cfg, out_dir, fp, source, tok, inputs, mesh, lock, quiet) -> RunPlan:
+    import jax
+
+    from moka_jax.data.identity import data_identity
+    from moka_jax.data.records import load_tokenizer
+    from moka_jax.data.sources import build_datasets
+
     state, resume_step = claim_run_dir(cfg, out_dir, fp, inputs)
 
     llama = model_config(cfg, source)
@@ -241,6 +306,9 @@ def plan_run(cfg: Config, num_devices: int | None = None, *, quiet: bool = False
         raise ConfigError(f"model.tokenizer: the tokenizer ({tok}) has {len(tokenizer)} tokens "
                           f"but the model's embedding has {llama.vocab_size} rows; use the "
                           "model's own tokenizer (model.tokenizer: null)")
+    inputs_id = data_identity(cfg.data, tokenizer)
+    changes = None if resume_step is None else \
+        check_same_data(cfg, out_dir / "checkpoints" / str(resume_step), resume_step, inputs_id)
     report: list[dict] = []
     train_data, val_data = build_datasets(cfg.data, tokenizer, report=report)
     n_val = 0 if val_data is None else len(val_data)
@@ -249,9 +317,10 @@ def plan_run(cfg: Config, num_devices: int | None = None, *, quiet: bool = False
     _apply_run_dir(state, out_dir, fp)
     return RunPlan(out_dir=out_dir, fingerprint=fp, source=source, llama=llama, tokenizer=tokenizer,
                    train_data=train_data, val_data=val_data, targets=targets, mesh=mesh,
-                   resume_step=resume_step, run_state=state, data_report=report)
+                   resume_step=resume_step, run_state=state, data_report=report, lock=lock,
+                   inputs=inputs_id, data_changes=changes)
 
 
 __all__ = ["RUN_ENTRIES", "RunPlan", "check_adapter", "claim_run_dir", "data_summary",
-           "fingerprint", "model_config", "model_source", "plan_run", "run_dir",
+           "check_same_data", "fingerprint", "model_config", "model_source", "plan_run", "run_dir", "take_run_dir",
            "tiny_llama_config", "tokenizer_spec"]

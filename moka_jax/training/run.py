@@ -32,7 +32,10 @@ def train(config, overrides=(), *, quiet: bool = False, max_steps: int | None = 
     else:
         raise TypeError(f"train: config is a Config or a YAML path, not {type(config).__name__}")
     plan = plan_run(cfg, quiet=quiet)  # every check before any weight is loaded
-    return loop.train(cfg, plan, max_steps=max_steps, quiet=quiet)
+    try:
+        return loop.train(cfg, plan, max_steps=max_steps, quiet=quiet)
+    finally:
+        plan.release()  # the run directory's lock
 
 
 __all__ = ["train"]

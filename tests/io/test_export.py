@@ -103,12 +103,15 @@ def test_existing_target_refused_and_overwrite(tmp_path):
                           targets=r"q_proj$")
     (tmp_path / "taken").mkdir()  # an empty directory is free to use
     export.export_hf(model, TINY, tmp_path / "taken")
-    for write in (lambda o: export.export_hf(model, TINY, tmp_path / "taken", overwrite=o),
-                  lambda o: export_peft(model, tmp_path / "taken", None, overwrite=o)):
-        with pytest.raises(FileExistsError, match="overwrite"):
-            write(False)
-        write(True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no temp dirs left
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export.export_hf(model, TINY, tmp_path / "taken")
+    export.export_hf(model, TINY, tmp_path / "taken", overwrite=True)
+    # Overwrite replaces only its own kind: a PEFT export never replaces a merged model.
+    with pytest.raises(FileExistsError, match="output of `export-hf`.*not even with"):
+        export_peft(model, tmp_path / "taken", None, overwrite=True)
+    export_peft(model, tmp_path / "peft", None)
+    export_peft(model, tmp_path / "peft", None, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peft", "taken"]  # no temp dirs left
     # Files moka_jax did not write are never replaced, not even with overwrite.
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")

@@ -215,3 +215,19 @@ def _write_gguf(path, architecture):
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+@pytest.mark.parametrize("marker,files", [("train", ["metrics.jsonl"]), ("export-hf", ["config.json"]),
+                                          (None, ["notes.txt"])])
+def test_overwrite_replaces_only_an_earlier_conversion(tmp_path, marker, files):
+    from moka_jax.support import outputs
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in files:
+        (out / name).write_text("keep")
+    if marker is not None:
+        outputs.write_marker(out, marker)
+    with pytest.raises(outputs.OutputError, match="not even with"):
+        gguf_convert.gguf_to_hf(_write_gguf(tmp_path / "tiny.gguf", "llama"), out, overwrite=True)
+    assert all((out / name).read_text() == "keep" for name in files)

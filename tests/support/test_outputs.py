@@ -24,7 +24,7 @@ def test_rules(tmp_path):
         outputs.check_output(out, command="a")
     with pytest.raises(outputs.OutputError, match="holds the output of `a`"):
         outputs.check_output(out, command="b")
-    assert outputs.check_output(out, command="b", overwrite=True) == "replace"
+    assert outputs.check_output(out, command="a", overwrite=True) == "replace"
     assert outputs.check_output(out, command="a", owner={"x": 1}, reuse=True) == "same"
     with pytest.raises(outputs.OutputError, match=r"(?s)another config.*x: there 1 vs now 2"):
         outputs.check_output(out, command="a", owner={"x": 2}, reuse=True)
@@ -41,6 +41,59 @@ def test_rules(tmp_path):
     assert (mine / "notes.txt").read_text() == "keep"
 
 
+# Overwrite replaces only an output of the same command and kind. (what the directory holds:
+# marker command or None for no marker, its files; the writer's command; a regex of the
+# refusal, or "replace")
+OVERWRITE = [
+    ("train", ["metrics.jsonl", "checkpoints/10/x"], "export-hf", r"output of `train` "
+     r"\(checkpoints, metrics.jsonl\); export-hf never replaces another command's output"),
+    ("export-hf", ["model.safetensors"], "export-peft", r"output of `export-hf`"),
+    ("export-peft", ["adapter_model.safetensors"], "train", r"output of `export-peft`"),
+    ("convert", ["state/x"], "export-requantize", r"output of `convert`"),
+    ("save_adapter", ["adapter.safetensors"], "export-orbax", r"output of `save_adapter`"),
+    (None, ["notes.txt"], "export-hf", r"did not write \(notes.txt\)"),
+    ("export-hf", ["model.safetensors"], "export-hf", "replace"),
+    ("train", ["metrics.jsonl"], "train", "replace"),
+]
+
+
+@pytest.mark.parametrize("marker,held,command,want", OVERWRITE)
+def test_overwrite_replaces_only_its_own_kind(tmp_path, marker, held, command, want):
+    for name in held:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("keep")
+    if marker is not None:
+        outputs.write_marker(tmp_path, marker)
+    before = snapshot(tmp_path)
+    if want == "replace":
+        assert outputs.check_output(tmp_path, command=command, overwrite=True) == "replace"
+    else:
+        with pytest.raises(outputs.OutputError, match=want):
+            outputs.check_output(tmp_path, command=command, overwrite=True)
+    assert snapshot(tmp_path) == before
+
+
+def test_export_overwrite_never_replaces_a_training_run(tmp_path, capsys):
+    """moka-export --out RUN_DIR --overwrite: refused before the base loads; the run is kept."""
+    from moka_jax.cli import export
+    from moka_jax.io.adapter_format import write_adapter
+    adapter = write_adapter(tmp_path / "adapter", {"x": np.ones(2, np.float32)},
+                           adapter_config={"kind": "lora"}, targets="q_proj$", base={})
+    run = tmp_path / "run"
+    (run / "checkpoints" / "10").mkdir(parents=True)
+    (run / "checkpoints" / "10" / "meta").write_text("{}")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    outputs.write_marker(run, "train", owner={"name": "t"})
+    before = snapshot(run)
+    for fmt in ("hf", "peft", "orbax"):
+        argv = ["--model", "random", "--adapter", str(adapter), "--out", str(run), "--format",
+                fmt, "--overwrite"]
+        assert export.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds the output of `train`" in err[0], err
+    assert snapshot(run) == before
+
+
 def test_file_rules(tmp_path):
     data = tmp_path / "dev.json"
     data.write_text("[]")
@@ -53,7 +106,14 @@ def test_file_rules(tmp_path):
     with pytest.raises(outputs.OutputError, match="already exists; pass --overwrite"):
         outputs.check_output_file(p, command="eval")
     outputs.check_output_file(p, command="eval", overwrite=True)
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["dev.json", "report.json"]
+    # A file of another command's output directory (a run's metrics) is never replaced.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}")
+    outputs.write_marker(run, "train")
+    with pytest.raises(outputs.OutputError, match=r"part of the output of `train`.*not even"):
+        outputs.check_output_file(run / "metrics.jsonl", command="eval", overwrite=True)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["dev.json", "report.json", "run"]
 
 
 
