@@ -61,9 +61,9 @@ def hf_tensor_specs(c: LlamaConfig) -> list[TensorSpec]:
         specs += [TensorSpec(f"{hp}.input_layernorm.weight", f"{p}/attn_norm/weight", "frozen", (d,)),
                   TensorSpec(f"{hp}.post_attention_layernorm.weight", f"{p}/mlp_norm/weight",
                              "frozen", (d,))]
-        qkv_bias = c.attention_bias or c.qkv_bias
-        for name, out, inp, bias in (("q_proj", qo, d, qkv_bias), ("k_proj", kv, d, qkv_bias),
-                                     ("v_proj", kv, d, qkv_bias), ("o_proj", d, qo, c.attention_bias)):
+        qkv = c.biased_qkv
+        for name, out, inp, bias in (("q_proj", qo, d, qkv), ("k_proj", kv, d, qkv),
+                                     ("v_proj", kv, d, qkv), ("o_proj", d, qo, c.attention_bias)):
             specs.append(TensorSpec(f"{hp}.self_attn.{name}.weight", f"{p}/attn/{name}", "linear",
                                     (out, inp)))
             if bias:

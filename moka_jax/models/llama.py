@@ -54,7 +54,8 @@ class LlamaConfig:
     mlp_bias: bool = False
     qkv_bias: bool = False  # q, k, v only (Qwen2)
     qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
-    sliding_window: int | None = None  # a query sees keys at most this many slots back, itself included
+    # a query sees at most this many slots (itself and sliding_window - 1 back)
+    sliding_window: int | None = None
     # per layer "full_attention" | "sliding_attention"; () = none slide; every layer slides when
     # only sliding_window is given (Mistral), filled in by __post_init__
     layer_types: tuple = ()
@@ -85,6 +86,10 @@ class LlamaConfig:
             types = ()
             object.__setattr__(self, "sliding_window", None)
         object.__setattr__(self, "layer_types", types)
+
+    @property
+    def biased_qkv(self) -> bool:
+        return self.attention_bias or self.qkv_bias
 
     @property
     def layer_windows(self) -> tuple:
@@ -277,13 +282,13 @@ class Attention(nnx.Module):
         def lin(i, o, name, bias):
             return Linear(i, o, use_bias=bias, rngs=rngs, name=f"{prefix}{name}", **linear_kw)
 
-        qkv_bias = c.attention_bias or c.qkv_bias
-        self.q_proj, self.k_proj = lin(d, n * h, "q_proj", qkv_bias), lin(d, k * h, "k_proj", qkv_bias)
-        self.v_proj = lin(d, k * h, "v_proj", qkv_bias)
+        self.q_proj = lin(d, n * h, "q_proj", c.biased_qkv)
+        self.k_proj = lin(d, k * h, "k_proj", c.biased_qkv)
+        self.v_proj = lin(d, k * h, "v_proj", c.biased_qkv)
         self.o_proj = lin(n * h, d, "o_proj", c.attention_bias)
-        norm = (lambda: RMSNorm(h, c.rms_norm_eps, linear_kw["param_dtype"])) if c.qk_norm else None
-        self.q_norm = nnx.data(norm and norm())
-        self.k_norm = nnx.data(norm and norm())
+        pd = linear_kw["param_dtype"]
+        self.q_norm = nnx.data(RMSNorm(h, c.rms_norm_eps, pd) if c.qk_norm else None)
+        self.k_norm = nnx.data(RMSNorm(h, c.rms_norm_eps, pd) if c.qk_norm else None)
 
     def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv=None, index=None):
         b, t, _ = x_BTD.shape

@@ -38,7 +38,9 @@ def torch_model(jax_model, lconfig, adapted_paths):
         save_hf(jax_model, lconfig, f"{tmp}/base", merged=False)
         model = transformers.AutoModelForCausalLM.from_pretrained(
             f"{tmp}/base", dtype=torch.float32, attn_implementation="eager")
-    model.train()  # no dropout in the family (attention_dropout > 0 is refused); train() only for autograd-friendly defaults
+    # No dropout in the family (attention_dropout > 0 is refused); train() only for
+    # autograd-friendly defaults.
+    model.train()
     model.requires_grad_(False)
     hf_module = {s.path: s.hf_name.removesuffix(".weight") for s in hf_tensor_specs(lconfig)
                  if s.kind == "linear"}

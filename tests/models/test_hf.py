@@ -151,7 +151,8 @@ LORA_QV = (LoRAConfig(r=4), r"(q_proj|v_proj)$")  # the paper's placement; cheap
 
 @pytest.mark.parametrize("family, quant, adapter", [
     ("llama3", "none", MOKA_QVD), ("llama3", "nf4", MOKA_QVD),
-    *((f, "nf4", LORA_QV) for f in ("mistral", "qwen2", "qwen3"))], ids=lambda x: getattr(x[0], "kind", x))
+    *((f, "nf4", LORA_QV) for f in ("mistral", "qwen2", "qwen3"))],
+    ids=lambda x: getattr(x[0], "kind", x))
 def test_export_merged_adapter_matches_jax_adapted_model(saved, family, quant, adapter, tmp_path):
     path = saved(family)
     model, config = load_hf(path, quant, dtype=jnp.float32)

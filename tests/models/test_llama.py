@@ -13,8 +13,8 @@ from moka_jax.models.llama import Llama, LlamaConfig, rope_inv_freq
 from moka_jax.nn import DEFAULT_TARGETS, attach_adapters
 from moka_jax.variables import AdapterParam
 
-from tests.models.conftest import (NEW_FAMILIES, TINY, hf_config, hf_logits, save_tiny, tiny_hf_model,
-                                   torch)
+from tests.models.conftest import (NEW_FAMILIES, TINY, hf_config, hf_logits, save_tiny,
+                                   tiny_hf_model, torch)
 
 TOL = 1e-4
 REL_TOL = 1e-5  # max |ours - transformers| / max |transformers| (measured 0.8e-6 to 1.5e-6)
@@ -111,7 +111,8 @@ def test_greedy_generation_equals_transformers(tiny):
 
     name, hf, model, config = tiny
     if name not in NEW_FAMILIES:
-        pytest.skip("LLaMA's greedy decoding: tests/models/test_smollm2.py, tests/eval/test_generate.py")
+        pytest.skip("LLaMA's greedy decoding: tests/models/test_smollm2.py and "
+                    "tests/eval/test_generate.py")
     pad, eos = 7, (config.vocab_size - 1,)
     ids = random_ids((2, 9), config.vocab_size, seed=5)
     ids[1, :3] = pad
