@@ -151,7 +151,7 @@ LORA_QV = (LoRAConfig(r=4), r"(q_proj|v_proj)$")  # the paper's placement; cheap
 
 @pytest.mark.parametrize("family, quant, adapter", [
     ("llama3", "none", MOKA_QVD), ("llama3", "nf4", MOKA_QVD),
-    *((f, "nf4", LORA_QV) for f in ("mistral", "qwen2", "qwen3"))],
+    *((f, "nf4", LORA_QV) for f in ("qwen2", "qwen3"))],  # Mistral: LLaMA's modules
     ids=lambda x: getattr(x[0], "kind", x))
 def test_export_merged_adapter_matches_jax_adapted_model(saved, family, quant, adapter, tmp_path):
     path = saved(family)
