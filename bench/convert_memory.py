@@ -1,16 +1,19 @@
-"""Peak host memory of streaming a ~1B bf16 LLaMA checkpoint into nf4 with `load_hf`.
+"""Peak host memory of streaming a ~1B bf16 checkpoint into nf4 with `load_hf`.
 
-Builds a random checkpoint (TinyLlama-1.1B shapes: 22 layers, d 2048, GQA 32/4, MLP 5632,
-vocab 32000, untied) as sharded bf16 safetensors, written tensor by tensor, in a temp dir that
+Builds a random checkpoint (`--family llama`: TinyLlama-1.1B shapes, 22 layers, d 2048, GQA
+32/4, MLP 5632, vocab 32000, untied; `qwen2`: Qwen2.5-0.5B's, with q/k/v biases, tied;
+`qwen3`: Qwen3-0.6B's, with q/k norms, tied) as sharded bf16 safetensors, written tensor by tensor, in a temp dir that
 is deleted afterwards. Then a fresh subprocess imports jax, records its baseline RSS, and runs
 `load_hf(dir, "nf4", dtype=bfloat16)`; its peak RSS comes from getrusage(RUSAGE_CHILDREN).
 Embeddings, norms and lm_head stay bf16 (as load_hf keeps them), every other linear is nf4.
 
-    python bench/convert_memory.py [--layers 22] [--tmp /tmp] [--keep]
+    python bench/convert_memory.py [--family llama] [--layers N] [--tmp /tmp] [--keep]
 
 Last stdout line: one JSON object. Measured 2026-11-28 (2 CPU cores, shared; jax 0.10.2 CPU):
     checkpoint 2.20 GB bf16 (1.10 B params) -> nf4 model 0.81 GB; peak RSS 1.12 GB
     = 0.509 x the checkpoint (0.424 without the 0.19 GB baseline of importing jax); 21 s.
+The Qwen shapes have not been measured yet; tests/models/test_hf.py checks, per family, that
+the loader holds at most two checkpoint tensors at once.
 """
 
 from __future__ import annotations
@@ -41,6 +44,28 @@ def tinyllama_config(layers: int) -> dict:
             "hidden_act": "silu", "rms_norm_eps": 1e-5, "max_position_embeddings": 2048,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
             "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "dtype": "bfloat16"}
+
+
+def qwen2_5_0_5b_config(layers: int) -> dict:
+    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151936,
+            "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": layers,
+            "num_attention_heads": 14, "num_key_value_heads": 2, "hidden_act": "silu",
+            "rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+            "use_sliding_window": False, "tie_word_embeddings": True, "dtype": "bfloat16"}
+
+
+def qwen3_0_6b_config(layers: int) -> dict:
+    return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
+            "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": layers,
+            "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+            "hidden_act": "silu", "rms_norm_eps": 1e-6, "max_position_embeddings": 40960,
+            "rope_theta": 1000000.0, "use_sliding_window": False, "tie_word_embeddings": True,
+            "dtype": "bfloat16"}
+
+
+# family -> (config.json for a layer count, the architecture's own layer count)
+FAMILIES = {"llama": (tinyllama_config, 22), "qwen2": (qwen2_5_0_5b_config, 24),
+            "qwen3": (qwen3_0_6b_config, 28)}
 
 
 def build_checkpoint(out: Path, config: dict) -> tuple[int, int]:
@@ -115,7 +140,8 @@ def child(path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=22, help="22 = TinyLlama-1.1B")
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="llama")
+    ap.add_argument("--layers", type=int, help="default: the architecture's own (22, 24, 28)")
     ap.add_argument("--tmp", default=tempfile.gettempdir())
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint (prints its path)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -123,7 +149,8 @@ def main() -> None:
     if args.child:
         return child(args.child)
 
-    config = tinyllama_config(args.layers)
+    make_config, layers = FAMILIES[args.family]
+    config = make_config(args.layers or layers)
     work = Path(tempfile.mkdtemp(prefix="moka_convert_bench_", dir=args.tmp))
     try:
         t0 = time.perf_counter()
@@ -150,7 +177,7 @@ def main() -> None:
         "rss_after_load_bytes": child_out["rss_after_load_bytes"],
         "conversion_seconds": child_out["conversion_seconds"],
         "build_seconds": round(build_seconds, 1),
-        "config": {k: config[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
+        "config": {k: config[k] for k in ("architectures", "num_hidden_layers", "hidden_size", "intermediate_size",
                                           "num_attention_heads", "num_key_value_heads",
                                           "vocab_size")},
         "float_dtype": "bfloat16", "quant": "nf4", "block_size": 64,

@@ -1,8 +1,10 @@
-"""The paper's scale on paper: trainable parameters on LLaMA-2-7B and LLaMA-3-8B, no weights.
+"""The paper's scale on paper: trainable parameters on LLaMA-2-7B, LLaMA-3-8B, Qwen2.5-0.5B and
+Qwen3-0.6B, no weights.
 
 Layer shapes come from the standard Hugging Face config dims (below); MoKA / MoKAs shapes from
 the project's planner with the settings of configs/llama2-7b-commonsense-moka.yaml /
-configs/llama3-8b-commonsense-moka.yaml (adapter section: kind, r, budget, targets), LoRA r=16
+configs/llama3-8b-commonsense-moka.yaml, configs/qwen2.5-0.5b-commonsense-moka.yaml,
+configs/qwen3-0.6b-commonsense-moka.yaml (adapter section: kind, r, budget, targets), LoRA r=16
 and DoRA r=8 as in the sweep; all at the paper's placement (q_proj and v_proj of every layer).
 Beside them, the counts the paper reports, as quoted in this project's brief (second-hand:
 not checked against the paper's PDF), and which LoRA placement the QLoRA count implies.
@@ -19,7 +21,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# config.json of meta-llama/Llama-2-7b-hf and meta-llama/Meta-Llama-3-8B.
+# config.json of meta-llama/Llama-2-7b-hf, meta-llama/Meta-Llama-3-8B, Qwen/Qwen2.5-0.5B and
+# Qwen/Qwen3-0.6B (-Base). Qwen2 adds q/k/v biases, Qwen3 per-head q/k norms and a head_dim
+# that is not hidden / heads; both tie the output head to the embedding.
 MODELS = {
     "LLaMA-2-7B": {"config": "llama2-7b-commonsense-moka.yaml", "hidden_size": 4096,
                    "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -27,8 +31,16 @@ MODELS = {
     "LLaMA-3-8B": {"config": "llama3-8b-commonsense-moka.yaml", "hidden_size": 4096,
                    "intermediate_size": 14336, "num_hidden_layers": 32,
                    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256},
+    "Qwen2.5-0.5B": {"config": "qwen2.5-0.5b-commonsense-moka.yaml", "hidden_size": 896,
+                     "intermediate_size": 4864, "num_hidden_layers": 24,
+                     "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+                     "tie_word_embeddings": True, "qkv_bias": True},
+    "Qwen3-0.6B": {"config": "qwen3-0.6b-commonsense-moka.yaml", "hidden_size": 1024,
+                   "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+                   "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+                   "tie_word_embeddings": True, "qk_norm": True},
 }
-# As quoted in the issue (second-hand). MoKAs: a range over its settings.
+# As quoted in the issue (second-hand); the paper has no Qwen runs. MoKAs: a range.
 PAPER = {"LLaMA-2-7B": {"QLoRA": 62.2e6, "MoKA": 5.2e6, "MoKAs": (2.1e6, 4.2e6)},
          "LLaMA-3-8B": {"QLoRA": 56.6e6, "MoKA": 3.9e6, "MoKAs": (2.1e6, 4.2e6)}}
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -44,9 +56,14 @@ LORA_PLACEMENTS = {
 def linear_shapes(dims: dict) -> dict[str, tuple[int, int]]:
     """{projection: (out m, in n)} of one decoder layer (PyTorch / paper convention)."""
     h, i = dims["hidden_size"], dims["intermediate_size"]
-    kv = dims["num_key_value_heads"] * (h // dims["num_attention_heads"])
-    return {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
+    q, kv = (heads * head_dim(dims) for heads in (dims["num_attention_heads"],
+                                                  dims["num_key_value_heads"]))
+    return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
             "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+
+def head_dim(dims: dict) -> int:
+    return dims.get("head_dim") or dims["hidden_size"] // dims["num_attention_heads"]
 
 
 def adapter_params(adapter, m: int, n: int) -> int:
@@ -76,10 +93,17 @@ def model_params(adapter, dims: dict, targets: str) -> int:
 
 
 def base_params(dims: dict) -> int:
-    """Decoder linear layers + embeddings + lm_head (untied) + norms."""
+    """Decoder linear layers (+ q/k/v biases) + norms (+ per-head q/k norms) + embeddings +
+    lm_head unless tied."""
     h, n_layers, v = dims["hidden_size"], dims["num_hidden_layers"], dims["vocab_size"]
-    linear = sum(m * n for m, n in linear_shapes(dims).values())
-    return n_layers * (linear + 2 * h) + 2 * v * h + h
+    shapes = linear_shapes(dims)
+    per_layer = sum(m * n for m, n in shapes.values()) + 2 * h
+    if dims.get("qkv_bias"):
+        per_layer += sum(shapes[p][0] for p in ("q_proj", "k_proj", "v_proj"))
+    if dims.get("qk_norm"):
+        per_layer += 2 * head_dim(dims)
+    heads = 1 if dims.get("tie_word_embeddings") else 2
+    return n_layers * per_layer + heads * v * h + h
 
 
 def lora_count(dims: dict, r: int, subset) -> int:
@@ -124,9 +148,10 @@ def table() -> tuple[str, dict]:
         base = base_params(dims)
         counts = {k: model_params(a, dims, t) for k, (a, t) in methods.items()}
         lora = counts["LoRA r=16"]
-        paper = PAPER[model]
+        paper = PAPER.get(model)
         for label, n in counts.items():
-            ref = (f"{paper['MoKA'] / 1e6:.1f}M" if label.startswith("MoKA r")
+            ref = ("-" if paper is None else f"{paper['MoKA'] / 1e6:.1f}M"
+                   if label.startswith("MoKA r")
                    else f"{paper['MoKAs'][0] / 1e6:.1f}M-{paper['MoKAs'][1] / 1e6:.1f}M"
                    if label.startswith("MoKAs") else "-")
             rows.append(f"| {model} | {label} | `{targets}` | {n / 1e6:.2f}M | "
@@ -135,17 +160,19 @@ def table() -> tuple[str, dict]:
         for label, (r, subset) in LORA_PLACEMENTS.items():
             n = lora_count(dims, r, subset)
             placements[label] = n
+            qlora = "-" if paper is None else f"QLoRA {paper['QLoRA'] / 1e6:.1f}M"
             rows.append(f"| {model} | LoRA / QLoRA | {label} | {n / 1e6:.2f}M | "
-                        f"{100 * n / base:.3f}% | {n / lora:.3f} | "
-                        f"QLoRA {paper['QLoRA'] / 1e6:.1f}M |")
+                        f"{100 * n / base:.3f}% | {n / lora:.3f} | {qlora} |")
+        report[model] = {"base_params": base, "counts": counts, "lora_placements": placements}
+        if paper is None:
+            continue
         near = lora_placement_nearest(dims, paper["QLoRA"])
         n, r, subset = near[0]
-        report[model] = {"base_params": base, "counts": counts, "lora_placements": placements,
-                         "qlora_reported": paper["QLoRA"],
-                         "qlora_nearest": {"params": n, "r": r, "targets": list(subset),
-                                           "off_by": n - paper["QLoRA"]},
-                         "qlora_next": [{"params": x, "r": rr, "targets": list(s)}
-                                        for x, rr, s in near[1:4]]}
+        report[model].update({
+            "qlora_reported": paper["QLoRA"],
+            "qlora_nearest": {"params": n, "r": r, "targets": list(subset),
+                              "off_by": n - paper["QLoRA"]},
+            "qlora_next": [{"params": x, "r": rr, "targets": list(s)} for x, rr, s in near[1:4]]})
     return "\n".join(rows), report
 
 

@@ -22,7 +22,8 @@ from moka_jax.support.trees import (CheckpointError, compare_signatures, flat_pa
 
 # config.json keys that decide every adapter shape.
 _ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-              "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
+              "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings",
+              "model_type")
 
 
 class AdapterMismatch(ValueError):

@@ -27,7 +27,6 @@ from moka_jax.models.llama import Llama, LlamaConfig
 from moka_jax.models.source import CONVERTED_MARKER
 from moka_jax.nn import Linear
 
-ACCEPTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "added_tokens.json", "vocab.json",
                    "merges.txt", "generation_config.json")
@@ -54,7 +53,7 @@ class TensorSpec:
 
 
 def hf_tensor_specs(c: LlamaConfig) -> list[TensorSpec]:
-    """Every tensor of a HF LlamaForCausalLM checkpoint and where it lives in `Llama`."""
+    """Every tensor of a HF checkpoint of the decoder family and where it lives in `Llama`."""
     d, f, h = c.hidden_size, c.intermediate_size, c.head_dim
     qo, kv = c.num_attention_heads * h, c.num_key_value_heads * h
     specs = [TensorSpec("model.embed_tokens.weight", "embed/embedding", "frozen", (c.vocab_size, d))]
@@ -63,13 +62,17 @@ def hf_tensor_specs(c: LlamaConfig) -> list[TensorSpec]:
         specs += [TensorSpec(f"{hp}.input_layernorm.weight", f"{p}/attn_norm/weight", "frozen", (d,)),
                   TensorSpec(f"{hp}.post_attention_layernorm.weight", f"{p}/mlp_norm/weight",
                              "frozen", (d,))]
-        for name, out, inp in (("q_proj", qo, d), ("k_proj", kv, d), ("v_proj", kv, d),
-                               ("o_proj", d, qo)):
+        qkv = c.biased_qkv
+        for name, out, inp, bias in (("q_proj", qo, d, qkv), ("k_proj", kv, d, qkv),
+                                     ("v_proj", kv, d, qkv), ("o_proj", d, qo, c.attention_bias)):
             specs.append(TensorSpec(f"{hp}.self_attn.{name}.weight", f"{p}/attn/{name}", "linear",
                                     (out, inp)))
-            if c.attention_bias:
+            if bias:
                 specs.append(TensorSpec(f"{hp}.self_attn.{name}.bias", f"{p}/attn/{name}", "bias",
                                         (out,)))
+        if c.qk_norm:
+            specs += [TensorSpec(f"{hp}.self_attn.{n}_norm.weight", f"{p}/attn/{n}_norm/weight",
+                                 "frozen", (h,)) for n in "qk"]
         for name, out, inp in (("gate_proj", f, d), ("up_proj", f, d), ("down_proj", d, f)):
             specs.append(TensorSpec(f"{hp}.mlp.{name}.weight", f"{p}/mlp/{name}", "linear", (out, inp)))
             if c.mlp_bias:
@@ -141,7 +144,8 @@ def write_safetensors(file: Path, tensors: list[tuple[str, tuple, np.dtype, call
 # ---- loading --------------------------------------------------------------------------------
 
 def read_config(path) -> LlamaConfig:
-    """config.json of a HF directory, checked for an accepted architecture."""
+    """config.json of a HF directory, checked for a supported architecture (models.families)
+    and for every key it sets, before any tensor is read."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
@@ -152,15 +156,6 @@ def read_config(path) -> LlamaConfig:
         d = fio.read_json_object(file, "model config", fix=_REFETCH)
     except fio.FileCheckError as e:
         raise CheckpointError(str(e)) from None
-    archs = d.get("architectures") or []
-    arch = archs[0] if archs else None
-    if arch not in ACCEPTED_ARCHITECTURES:
-        raise CheckpointError(f"{file}: architecture {arch!r} (model_type "
-                              f"{d.get('model_type')!r}) is not supported; accepted: "
-                              f"{', '.join(ACCEPTED_ARCHITECTURES)}")
-    if arch == "MistralForCausalLM" and d.get("sliding_window") is not None:
-        raise CheckpointError(f"{file}: sliding_window={d['sliding_window']} is not supported "
-                              "(only full attention)")
     try:
         return LlamaConfig.from_hf_dict(d)
     except (KeyError, ValueError) as e:

@@ -1,9 +1,12 @@
 """LLaMA-family decoder in Flax NNX: RMSNorm, RoPE (default / llama3), GQA, SwiGLU, KV cache.
+Mistral, Qwen2 / Qwen2.5 and Qwen3 are the same decoder with options (models.families):
+q/k/v biases, per-head q/k RMSNorm, sliding-window attention on some or all layers.
 
 Module paths (what adapter regexes match, see `moka_jax.nn.attach_adapters`):
     embed/embedding                       FrozenWeight (V, D)
     layers/{i}/attn_norm, layers/{i}/mlp_norm, norm     RMSNorm (FrozenWeight scale)
     layers/{i}/attn/{q,k,v,o}_proj        Linear
+    layers/{i}/attn/{q,k}_norm            RMSNorm over H (qk_norm models only)
     layers/{i}/mlp/{gate,up,down}_proj    Linear
     lm_head                               Linear (untied models only)
 
@@ -23,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moka_jax.models import families
 from moka_jax.models.cache import KVCache, write_slots
 from moka_jax.nn import Linear
 from moka_jax.variables import FrozenWeight
@@ -46,8 +50,15 @@ class LlamaConfig:
     rope_llama3: tuple | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # q, k, v and o projections (LLaMA, Qwen3)
     mlp_bias: bool = False
+    qkv_bias: bool = False  # q, k, v only (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    # a query sees at most this many slots (itself and sliding_window - 1 back)
+    sliding_window: int | None = None
+    # per layer "full_attention" | "sliding_attention"; () = none slide; every layer slides when
+    # only sliding_window is given (Mistral), filled in by __post_init__
+    layer_types: tuple = ()
     bos_token_id: int | None = 1
     eos_token_ids: tuple = (2,)
     pad_token_id: int | None = None
@@ -61,13 +72,40 @@ class LlamaConfig:
             raise ValueError(f"rope_type {self.rope_type!r} is not supported; use one of {ROPE_TYPES}")
         if (self.rope_type == "llama3") != (self.rope_llama3 is not None):
             raise ValueError("rope_type 'llama3' needs rope_llama3 parameters (and only it takes them)")
+        if self.architecture not in families.FAMILIES:
+            raise ValueError(f"architecture {self.architecture!r} is not supported; supported: "
+                             f"{families.supported()}")
+        types = tuple(self.layer_types) or (
+            ("sliding_attention",) * self.num_hidden_layers if self.sliding_window else ())
+        if types and len(types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types has {len(types)} entries for "
+                             f"{self.num_hidden_layers} layers")
+        if "sliding_attention" in types and self.sliding_window is None:
+            raise ValueError("sliding_attention layers need a sliding_window")
+        if "sliding_attention" not in types:  # one canonical form: no window, no types
+            types = ()
+            object.__setattr__(self, "sliding_window", None)
+        object.__setattr__(self, "layer_types", types)
+
+    @property
+    def biased_qkv(self) -> bool:
+        return self.attention_bias or self.qkv_bias
+
+    @property
+    def layer_windows(self) -> tuple:
+        """Per layer: the sliding window, or None for full attention."""
+        return tuple(self.sliding_window if t == "sliding_attention" else None
+                     for t in self.layer_types) or (None,) * self.num_hidden_layers
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> LlamaConfig:
-        """From a Hugging Face config.json dict (transformers 4 `rope_scaling` or 5 `rope_parameters`)."""
+        """From a Hugging Face config.json dict (transformers 4 `rope_scaling` or 5
+        `rope_parameters`) of a supported family (models.families)."""
+        family = families.family_of(d)
         act = d.get("hidden_act", "silu")
         if act != "silu":
-            raise ValueError(f"hidden_act {act!r} is not supported (LLaMA uses 'silu')")
+            raise ValueError(f"hidden_act {act!r} is not supported ({family.architecture} "
+                             "here uses 'silu')")
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -80,7 +118,6 @@ class LlamaConfig:
         heads = d["num_attention_heads"]
         eos = d.get("eos_token_id", 2)
         eos = () if eos is None else tuple(eos) if isinstance(eos, list | tuple) else (eos,)
-        archs = d.get("architectures") or ["LlamaForCausalLM"]
         return cls(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
@@ -91,9 +128,9 @@ class LlamaConfig:
             rope_type=rope_type, rope_llama3=llama3,
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             tie_word_embeddings=d.get("tie_word_embeddings", False),
-            attention_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False),
+            **families.read_family_keys(family, d),
             bos_token_id=d.get("bos_token_id"), eos_token_ids=eos,
-            pad_token_id=d.get("pad_token_id"), architecture=archs[0])
+            pad_token_id=d.get("pad_token_id"), architecture=family.architecture)
 
     @classmethod
     def from_pretrained_dir(cls, path) -> LlamaConfig:
@@ -103,16 +140,16 @@ class LlamaConfig:
         return cls.from_hf_dict(json.loads(file.read_text()))
 
     def to_hf_dict(self) -> dict:
-        """A config.json dict transformers loads as LlamaForCausalLM (or the recorded relative)."""
+        """A config.json dict transformers loads as the recorded architecture, with its own keys."""
         rope = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
         if self.rope_llama3 is not None:
             f, lo, hi, orig = self.rope_llama3
             rope.update(factor=f, low_freq_factor=lo, high_freq_factor=hi,
                         original_max_position_embeddings=orig)
-        model_type = {"MistralForCausalLM": "mistral"}.get(self.architecture, "llama")
+        family = families.FAMILIES[self.architecture]
         eos = list(self.eos_token_ids)
         return {
-            "architectures": [self.architecture], "model_type": model_type,
+            "architectures": [self.architecture], "model_type": family.model_type,
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_hidden_layers,
@@ -122,11 +159,10 @@ class LlamaConfig:
             "rope_theta": self.rope_theta, "rope_parameters": rope,
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias,
+            **families.family_hf_keys(family, self),
             "bos_token_id": self.bos_token_id,
             "eos_token_id": eos[0] if len(eos) == 1 else eos,
             "pad_token_id": self.pad_token_id,
-            **({"sliding_window": None} if model_type == "mistral" else {}),
         }
 
 
@@ -178,19 +214,24 @@ def positions_from_mask(mask_BT, prior_B=None):
     return jnp.maximum(pos_BT, 0)
 
 
-def attention_mask(key_valid_BS, q_slot_T, k_slot_S):
-    """(B, T, S) bool: causal by slot and the key slot holds a real token."""
-    causal_TS = k_slot_S[None, :] <= q_slot_T[:, None]
+def attention_mask(key_valid_BS, q_slot_T, k_slot_S, window: int | None = None):
+    """(B, T, S) bool: causal by slot and the key slot holds a real token; with a sliding
+    window, also fewer than `window` slots back (transformers' kv_idx > q_idx - window). A
+    row's real tokens fill consecutive slots, so slot distance is position distance."""
+    back_TS = q_slot_T[:, None] - k_slot_S[None, :]
+    causal_TS = back_TS >= 0
+    if window is not None:
+        causal_TS = causal_TS & (back_TS < window)
     return causal_TS[None] & key_valid_BS[:, None, :]
 
 
-def segment_mask(segment_ids_BT):
+def segment_mask(segment_ids_BT, window: int | None = None):
     """(B, T, T) bool for packed rows: causal, within one example (segment id), never padding
     (id 0). A row of one example and right padding gives the same mask as attention_mask."""
     t = segment_ids_BT.shape[1]
     slot_T = jnp.arange(t, dtype=jnp.int32)
     same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-    return attention_mask(segment_ids_BT > 0, slot_T, slot_T) & same_BTS
+    return attention_mask(segment_ids_BT > 0, slot_T, slot_T, window) & same_BTS
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
@@ -238,17 +279,25 @@ class Attention(nnx.Module):
         n, k = c.num_attention_heads, c.num_key_value_heads
         self.n, self.k, self.h = n, k, h
 
-        def lin(i, o, name):
-            return Linear(i, o, use_bias=c.attention_bias, rngs=rngs, name=f"{prefix}{name}",
-                          **linear_kw)
+        def lin(i, o, name, bias):
+            return Linear(i, o, use_bias=bias, rngs=rngs, name=f"{prefix}{name}", **linear_kw)
 
-        self.q_proj, self.k_proj = lin(d, n * h, "q_proj"), lin(d, k * h, "k_proj")
-        self.v_proj, self.o_proj = lin(d, k * h, "v_proj"), lin(n * h, d, "o_proj")
+        self.q_proj = lin(d, n * h, "q_proj", c.biased_qkv)
+        self.k_proj = lin(d, k * h, "k_proj", c.biased_qkv)
+        self.v_proj = lin(d, k * h, "v_proj", c.biased_qkv)
+        self.o_proj = lin(n * h, d, "o_proj", c.attention_bias)
+        pd = linear_kw["param_dtype"]
+        self.q_norm = nnx.data(RMSNorm(h, c.rms_norm_eps, pd) if c.qk_norm else None)
+        self.k_norm = nnx.data(RMSNorm(h, c.rms_norm_eps, pd) if c.qk_norm else None)
 
     def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv=None, index=None):
         b, t, _ = x_BTD.shape
-        q_BTNH = apply_rope(self.q_proj(x_BTD).reshape(b, t, self.n, self.h), cos_BTH, sin_BTH)
-        k_BTKH = apply_rope(self.k_proj(x_BTD).reshape(b, t, self.k, self.h), cos_BTH, sin_BTH)
+        q_BTNH = self.q_proj(x_BTD).reshape(b, t, self.n, self.h)
+        k_BTKH = self.k_proj(x_BTD).reshape(b, t, self.k, self.h)
+        if self.q_norm is not None:  # per head, over H, before RoPE
+            q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
+        q_BTNH = apply_rope(q_BTNH, cos_BTH, sin_BTH)
+        k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
         v_BTKH = self.v_proj(x_BTD).reshape(b, t, self.k, self.h)
         if kv is not None:
             k_BTKH, v_BTKH = write_slots(kv[0], k_BTKH, index), write_slots(kv[1], v_BTKH, index)
@@ -339,11 +388,12 @@ class Llama(nnx.Module):
         """
         b, t = input_ids_BT.shape
         q_slot_T = jnp.arange(t, dtype=jnp.int32)
+        windows = self.config.layer_windows
         if segment_ids_BT is not None:
             if cache is not None:
                 raise ValueError("segment_ids (packed rows) are for training; the KV cache "
                                  "path takes attention_mask")
-            mask_BTS = segment_mask(segment_ids_BT)
+            masks = {w: segment_mask(segment_ids_BT, w) for w in set(windows)}
             if positions_BT is None:
                 raise ValueError("packed rows need positions_BT (restarting per example)")
             index = None
@@ -360,7 +410,7 @@ class Llama(nnx.Module):
                 prior_B = jnp.sum(cache.mask_BS, axis=-1, dtype=jnp.int32)
             if positions_BT is None:
                 positions_BT = positions_from_mask(mask_BT, prior_B)
-            mask_BTS = attention_mask(key_valid_BS, q_slot_T, k_slot_S)
+            masks = {w: attention_mask(key_valid_BS, q_slot_T, k_slot_S, w) for w in set(windows)}
         cos_BTH, sin_BTH = rope_cos_sin(positions_BT, rope_inv_freq(self.config))
 
         run = _run_block_remat if self.remat else _run_block
@@ -368,7 +418,7 @@ class Llama(nnx.Module):
         new_k, new_v = [], []
         for i, block in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x_BTD, (k, v) = run(block, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, index)
+            x_BTD, (k, v) = run(block, x_BTD, cos_BTH, sin_BTH, masks[windows[i]], kv, index)
             new_k.append(k)
             new_v.append(v)
         x_BTD = self.norm(x_BTD)

@@ -3,7 +3,8 @@
     python -m moka_jax.cli.compare --config configs/tiny-debug.yaml [--steps 20] [--set k=v ...]
 
 The JAX side is the trainer's own step (TrainStep + make_optimizer). The torch side is a
-transformers LlamaForCausalLM built from the JAX model's weights, with moka_jax.parity.torch_ref
+transformers model of the base's architecture (LlamaForCausalLM, Qwen2ForCausalLM, ...)
+built from the JAX model's weights, with moka_jax.parity.torch_ref
 adapters (factors copied from JAX) on the same Linear layers, and torch.optim.AdamW driven
 by the same schedule and clipping. quant is forced to none and dtype to float32: a 4-bit
 base and bf16 would make the two sides differ by their rounding, not by their math.
@@ -24,7 +25,7 @@ FORCED = {"model.quant": "none", "model.dtype": "float32"}
 # ---- torch side ------------------------------------------------------------------------------
 
 def torch_model(jax_model, lconfig, adapted_paths):
-    """(LlamaForCausalLM with torch_ref adapters on `adapted_paths`, its trainable params,
+    """(the transformers model with torch_ref adapters on `adapted_paths`, its trainable params,
     {path: torch adapter})."""
     import torch
     import transformers
@@ -35,9 +36,11 @@ def torch_model(jax_model, lconfig, adapted_paths):
     # Through a real HF directory, so the weight layout is the one transformers loads.
     with tempfile.TemporaryDirectory() as tmp:
         save_hf(jax_model, lconfig, f"{tmp}/base", merged=False)
-        model = transformers.LlamaForCausalLM.from_pretrained(
+        model = transformers.AutoModelForCausalLM.from_pretrained(
             f"{tmp}/base", dtype=torch.float32, attn_implementation="eager")
-    model.train()  # no dropout in LLaMA; train() only for autograd-friendly defaults
+    # No dropout in the family (attention_dropout > 0 is refused); train() only for
+    # autograd-friendly defaults.
+    model.train()
     model.requires_grad_(False)
     hf_module = {s.path: s.hf_name.removesuffix(".weight") for s in hf_tensor_specs(lconfig)
                  if s.kind == "linear"}

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -31,9 +32,12 @@ def test_counts_equal_an_adapted_model(adapter, targets):
 
 
 def test_base_sizes_are_the_published_ones_and_the_table_prints(capsys):
-    # Hugging Face's parameter counts of meta-llama/Llama-2-7b-hf and Meta-Llama-3-8B.
+    # Hugging Face's parameter counts of meta-llama/Llama-2-7b-hf, Meta-Llama-3-8B,
+    # Qwen/Qwen2.5-0.5B and Qwen/Qwen3-0.6B.
     assert pp.base_params(pp.MODELS["LLaMA-2-7B"]) == 6_738_415_616
     assert pp.base_params(pp.MODELS["LLaMA-3-8B"]) == 8_030_261_248
+    assert pp.base_params(pp.MODELS["Qwen2.5-0.5B"]) == 494_032_768
+    assert pp.base_params(pp.MODELS["Qwen3-0.6B"]) == 596_049_920
     pp.main()
     out = capsys.readouterr().out
     report = json.loads(out.strip().splitlines()[-1])
@@ -41,3 +45,19 @@ def test_base_sizes_are_the_published_ones_and_the_table_prints(capsys):
     assert l3["r=32 on q, k, v, up, down (LLM-Adapters / DoRA commonsense)"] == 56_623_104
     assert report["LLaMA-2-7B"]["counts"]["LoRA r=16"] == 32 * 2 * 16 * (4096 + 4096)
     assert "| LLaMA-2-7B | MoKA r=10" in out
+
+
+@pytest.mark.parametrize("model", sorted(pp.MODELS))
+def test_dims_agree_with_the_loader_tensor_list(model):
+    """Every table row counts what the checkpoint loader expects of that architecture."""
+    from moka_jax.models.hf import hf_tensor_specs
+    from moka_jax.models.llama import LlamaConfig
+
+    dims = pp.MODELS[model]
+    family = {"qkv_bias": "qwen2", "qk_norm": "qwen3"}
+    model_type = next((t for k, t in family.items() if dims.get(k)), "llama")
+    specs = hf_tensor_specs(LlamaConfig.from_hf_dict({**dims, "model_type": model_type}))
+    assert pp.base_params(dims) == sum(math.prod(s.shape) for s in specs)
+    layer0 = {s.path.rsplit("/", 1)[-1]: s.shape for s in specs
+              if s.kind == "linear" and s.path.startswith("layers/0/")}
+    assert layer0 == pp.linear_shapes(dims)

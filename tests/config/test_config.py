@@ -50,17 +50,25 @@ def test_shipped_configs_round_trip(path, tmp_path):
     assert C.load_config(dumped) == cfg
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIGS if "llama" not in p.stem], ids=lambda p: p.stem)
+# Configs whose model.path is a checkpoint the user downloads (README: Supported architectures).
+PAPER_CONFIGS = ("llama2-7b-commonsense-moka", "llama3-8b-commonsense-moka",
+                 "qwen2.5-0.5b-commonsense-moka", "qwen2.5-0.5b-commonsense-lora",
+                 "qwen3-0.6b-commonsense-moka", "qwen3-0.6b-commonsense-lora")
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.stem not in PAPER_CONFIGS],
+                         ids=lambda p: p.stem)
 def test_shipped_configs_validate(path):
     C.validate(C.load_config(path), num_devices=1)
 
 
-def test_llama_configs_are_paper_settings():
-    for name in ("llama2-7b-commonsense-moka", "llama3-8b-commonsense-moka"):
+def test_paper_configs_are_paper_settings():
+    for name in PAPER_CONFIGS:
         cfg = C.load_config(REPO / "configs" / f"{name}.yaml")
         assert cfg.model.quant == "nf4" and cfg.adapter.targets == r"(q_proj|v_proj)$"
         assert cfg.train.lr == 2e-4 and cfg.train.batch_size == 32 and cfg.data.cutoff_len == 256
-        assert isinstance(cfg.adapter.config, MoKAConfig)
+        kind = MoKAConfig if name.endswith("moka") else LoRAConfig
+        assert isinstance(cfg.adapter.config, kind), name
         assert "model.path" in error(C.validate, cfg)  # no checkpoint here
 
 

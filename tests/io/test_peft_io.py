@@ -18,6 +18,7 @@ from moka_jax.adapters import DoRAConfig, LoRAConfig, MoKAConfig, MoKAsConfig
 from moka_jax.io.export import export_hf
 from moka_jax.models.llama import Llama, LlamaConfig
 from moka_jax.nn import adapter_state, attach_adapters, linear_paths
+from tests.models.conftest import hf_config, load_transformers
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -48,7 +49,7 @@ def ours(model, ids=IDS):
 
 
 def hf_model(path):
-    return transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return load_transformers(path)  # the class config.json names (LLaMA, Qwen2, ...)
 
 
 def torch_logits(model, ids=IDS):
@@ -60,11 +61,28 @@ def rel(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-@pytest.mark.parametrize("adapter", [LoRAConfig(r=4, alpha=8), DoRAConfig(r=4, alpha=6)],
-                         ids=["lora", "dora"])
-def test_lora_dora_export_loads_in_peft_with_equal_logits(adapter, tmp_path):
-    model = adapted(adapter)
-    base = export_hf(model, TINY, tmp_path / "base", merged=False)  # the dequantised nf4 base
+def family_config(name: str) -> LlamaConfig:
+    """The tiny config of another architecture (tests/models/conftest.py's table)."""
+    return LlamaConfig.from_hf_dict(hf_config(name).to_dict())
+
+
+def with_random_biases(model, seed=3):
+    """Non-zero q/k/v biases (Qwen2), so the base's bias path is part of the parity."""
+    rng = np.random.RandomState(seed)
+    for _, layer in linear_paths(model):
+        if layer.bias is not None:
+            layer.bias.set_value(jnp.asarray(rng.normal(0, 0.5, layer.bias.shape), jnp.float32))
+    return model
+
+
+@pytest.mark.parametrize("adapter, config", [
+    (LoRAConfig(r=4, alpha=8), TINY), (DoRAConfig(r=4, alpha=6), TINY),
+    *((LoRAConfig(r=4, alpha=8), family_config(f)) for f in ("qwen2", "qwen3"))],
+    ids=["lora", "dora", "lora-qwen2", "lora-qwen3"])  # Mistral has LLaMA's module names
+def test_lora_dora_export_loads_in_peft_with_equal_logits(adapter, config, tmp_path):
+    model = with_random_biases(adapted(adapter, config=config))
+    base = export_hf(model, config, tmp_path / "base", merged=False)  # the dequantised nf4 base
+    assert type(hf_model(base)).__name__ == config.architecture
     out = mj.save_adapter(model, tmp_path / "peft", format="peft")
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == adapter.alpha

@@ -10,13 +10,14 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
-from moka_jax.adapters import MoKAConfig
+from moka_jax.adapters import LoRAConfig, MoKAConfig
 from moka_jax.models.convert import convert, load_converted
-from moka_jax.models.hf import CheckpointError, load_hf, node_at, save_hf
+from moka_jax.models.hf import CheckpointError, checkpoint_index, load_hf, node_at, save_hf
 from moka_jax.nn import attach_adapters
 from moka_jax.quant import QuantizedWeight
 
-from tests.models.conftest import hf_logits, save_tiny, tiny_hf_model, torch, transformers
+from tests.models.conftest import (NEW_FAMILIES, hf_logits, load_transformers, save_tiny,
+                                   tiny_hf_model, torch)
 
 TOL = 1e-4
 
@@ -38,10 +39,6 @@ def logits(model, ids):
 def llama3(tmp_path_factory):
     hf = tiny_hf_model("llama3", seed=7)
     return hf, save_tiny(hf, tmp_path_factory.mktemp("llama3"))
-
-
-def load_transformers(path):
-    return transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def test_sharded_checkpoint_equals_single_file(llama3, tmp_path):
@@ -108,21 +105,58 @@ def test_sharding_callable_places_every_leaf(llama3):
     assert "lm_head/kernel" in seen
 
 
-@pytest.mark.parametrize("family", ["llama2", "smollm2"])
+# The family's own keys, as transformers resolves them (max_window_layers is written too, but
+# only layer_types says which layers slide; with no window it is moot and not kept).
+FAMILY_KEYS = {"mistral": ("sliding_window",),
+               "qwen2": ("use_sliding_window", "sliding_window", "layer_types"),
+               "qwen3": ("use_sliding_window", "sliding_window", "layer_types", "attention_bias",
+                         "head_dim")}
+
+
+@pytest.mark.parametrize("family", ["llama2", "smollm2", *NEW_FAMILIES])
 def test_export_round_trip_matches_transformers(family, tmp_path):
+    """transformers loads the export as the same architecture, with the family's own keys."""
     hf = tiny_hf_model(family, seed=11)
-    model, config = load_hf(save_tiny(hf, tmp_path / "src"), "none", dtype=jnp.float32)
+    src = save_tiny(hf, tmp_path / "src")
+    model, config = load_hf(src, "none", dtype=jnp.float32)
     out = save_hf(model, config, tmp_path / "out", max_shard_bytes=60_000)
     assert (out / "model.safetensors.index.json").is_file()  # sharded on purpose
-    ids = ids_for(config)
-    assert np.abs(hf_logits(load_transformers(out), ids) - logits(model, ids)).max() <= TOL
+    back = load_transformers(out)
+    assert type(back) is type(hf)
+    written, source = (json.loads((d / "config.json").read_text()) for d in (out, src))
+    for key in ("model_type", "architectures", *FAMILY_KEYS.get(family.split("-")[0], ())):
+        assert written[key] == source[key], key
+    if family.startswith("qwen"):
+        assert back.config.layer_types == hf.config.layer_types and "max_window_layers" in written
+    ids = ids_for(config, shape=(2, 12))  # longer than the tiny windows
+    assert np.abs(hf_logits(back, ids) - logits(model, ids)).max() <= TOL
 
 
-@pytest.mark.parametrize("quant", ["none", "nf4"])
-def test_export_merged_moka_matches_jax_adapted_model(llama3, quant, tmp_path):
-    _, path = llama3
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """family name -> its tiny HF directory, written once per module."""
+    dirs = {}
+
+    def get(family):
+        if family not in dirs:
+            dirs[family] = save_tiny(tiny_hf_model(family, seed=7),
+                                     tmp_path_factory.mktemp(family))
+        return dirs[family]
+    return get
+
+
+MOKA_QVD = (MoKAConfig(r=3), r"(q_proj|v_proj|down_proj)$")
+LORA_QV = (LoRAConfig(r=4), r"(q_proj|v_proj)$")  # the paper's placement; cheaper to compile
+
+
+@pytest.mark.parametrize("family, quant, adapter", [
+    ("llama3", "none", MOKA_QVD), ("llama3", "nf4", MOKA_QVD),
+    *((f, "nf4", LORA_QV) for f in ("qwen2", "qwen3"))],  # Mistral: LLaMA's modules
+    ids=lambda x: getattr(x[0], "kind", x))
+def test_export_merged_adapter_matches_jax_adapted_model(saved, family, quant, adapter, tmp_path):
+    path = saved(family)
     model, config = load_hf(path, quant, dtype=jnp.float32)
-    attach_adapters(model, MoKAConfig(r=3), r"(q_proj|v_proj|down_proj)$", rngs=nnx.Rngs(0))
+    attach_adapters(model, adapter[0], adapter[1], rngs=nnx.Rngs(0))
     state = nnx.state(model, nnx.Param)
     rng = np.random.RandomState(0)
     nnx.update(model, jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype),
@@ -132,8 +166,35 @@ def test_export_merged_moka_matches_jax_adapted_model(llama3, quant, tmp_path):
     adapted = logits(model, ids)
     assert np.abs(adapted - logits(base, ids)).max() > 1e-2  # the adapter does something
     out = save_hf(model, config, tmp_path / "merged", tokenizer_dir=path)
-    diff = np.abs(hf_logits(load_transformers(out), ids) - adapted).max()
+    back = load_transformers(out)
+    assert type(back).__name__ == config.architecture
+    diff = np.abs(hf_logits(back, ids) - adapted).max()
     assert diff <= TOL, f"merged export vs adapted JAX model: {diff:.2e}"
+
+
+@pytest.mark.parametrize("family", ["llama3", *NEW_FAMILIES])
+def test_nf4_load_streams_one_tensor_at_a_time(saved, family, monkeypatch):
+    """The streaming bound of bench/convert_memory.py, per family: at most two checkpoint
+    tensors (the one being quantised and the one before it) are alive at once."""
+    import weakref
+
+    from moka_jax.models import hf as hf_module
+
+    live, peak, read = {}, [0], hf_module._read_tensor
+
+    def tracked(name, entry):
+        arr = read(name, entry)
+        live[id(arr)] = arr.nbytes
+        peak[0] = max(peak[0], sum(live.values()))
+        weakref.finalize(arr, live.pop, id(arr), None)
+        return arr
+
+    monkeypatch.setattr(hf_module, "_read_tensor", tracked)
+    path = saved(family)
+    model, config = load_hf(path, "nf4", dtype=jnp.float32)
+    sizes = sorted(e.nbytes for e in checkpoint_index(path).values())
+    assert peak[0] <= sum(sizes[-2:]), (peak[0], sizes[-2:])
+    assert isinstance(model.layers[0].attn.q_proj.kernel.get_value(), QuantizedWeight)
 
 
 def test_export_bf16_and_overwrite_rules(llama3, tmp_path):
@@ -190,9 +251,34 @@ def test_no_safetensors_and_pickles_are_refused(tiny_copy):
         load_hf(tiny_copy, "none")
 
 
-def test_unsupported_architecture_names_the_accepted_ones(tiny_copy):
-    edit_config(tiny_copy, architectures=["GPT2LMHeadModel"], model_type="gpt2")
-    with pytest.raises(CheckpointError, match="GPT2LMHeadModel.*accepted: LlamaForCausalLM"):
+@pytest.mark.parametrize("change, message", [
+    (dict(architectures=["GPT2LMHeadModel"], model_type="gpt2"),
+     r"'GPT2LMHeadModel' \(model_type 'gpt2'\) is not supported; supported: LlamaForCausalLM "
+     r"\(llama\), MistralForCausalLM \(mistral\), Qwen2ForCausalLM \(qwen2\), Qwen3ForCausalLM"),
+    (dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2"),
+     r"Gemma2ForCausalLM is not supported: it needs GeGLU.*soft-capping.*supported: Llama"),
+    (dict(architectures=None, model_type="gemma3_text"), r"Gemma3ForCausalLM is not supported"),
+    (dict(architectures=None, model_type=None), r"no architecture .*supported: Llama"),
+    (dict(architectures=["Qwen2ForCausalLM"]), r"names Qwen2ForCausalLM but model_type is 'llama'"),
+    (dict(attention_bias=True, architectures=["MistralForCausalLM"], model_type="mistral"),
+     r"attention_bias=true, but MistralForCausalLM has no attention_bias option"),
+    (dict(sliding_window=8), r"LlamaForCausalLM has no sliding-window attention"),
+    (dict(architectures=["MistralForCausalLM"], model_type="mistral",
+          layer_types=["full_attention"] * 3), r"layer_types is not read by MistralForCausalLM"),
+    (dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False,
+          layer_types=["sliding_attention"] * 3), r"sliding_attention layers but no window"),
+    (dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_mrope=True),
+     r"use_mrope=true .*text-only"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}),
+     r"rope_type 'yarn' is not supported"),
+    (dict(attention_dropout=0.1), r"attention_dropout=0.1 is not implemented.*set it to 0.0"),
+], ids=["unknown", "gemma2", "gemma3-by-model-type", "none", "mismatch", "bias-key",
+        "window-on-llama", "mistral-layer-types", "qwen-types-without-window", "mrope", "yarn",
+        "dropout"])
+def test_config_refusals_name_the_key_before_any_weight_is_read(tiny_copy, change, message):
+    (tiny_copy / "model.safetensors").unlink()  # a refusal after this point would name it
+    edit_config(tiny_copy, **change)
+    with pytest.raises(CheckpointError, match=r"config\.json: .*" + message):
         load_hf(tiny_copy, "none")
 
 
@@ -231,21 +317,3 @@ def test_tokenizer_larger_than_embedding(tiny_copy):
     Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(tiny_copy / "tokenizer.json"))
     with pytest.raises(CheckpointError, match=r"tokenizer\.json: tokenizer has 300 tokens.*256 rows"):
         load_hf(tiny_copy, "none")
-
-
-def test_mistral_without_sliding_window_loads(tmp_path):
-    cfg = transformers.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                                     num_hidden_layers=2, num_attention_heads=4,
-                                     num_key_value_heads=2, head_dim=16, sliding_window=None,
-                                     initializer_range=0.2)
-    torch.manual_seed(0)
-    hf = transformers.MistralForCausalLM(cfg).eval()
-    hf.save_pretrained(tmp_path / "mistral")
-    model, config = load_hf(tmp_path / "mistral", "none", dtype=jnp.float32)
-    assert config.architecture == "MistralForCausalLM"
-    ids = ids_for(config)
-    assert np.abs(logits(model, ids) - hf_logits(hf, ids)).max() <= TOL
-    out = save_hf(model, config, tmp_path / "back")
-    back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert type(back).__name__ == "MistralForCausalLM"
-    assert np.abs(hf_logits(back, ids) - logits(model, ids)).max() <= TOL
