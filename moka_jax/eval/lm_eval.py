@@ -53,6 +53,9 @@ class MokaLM(LM):
         if self.tokenizer is None:
             raise ValueError(f"base {base!r} has no tokenizer files; pass tokenizer=DIR|bytes")
         self.max_length = int(max_length or self.model.config.max_position_embeddings)
+        from moka_jax.models.llama import check_positions
+        check_positions(self.max_length, self.model.config, "lm-eval max_length",
+                        f"lower it to at most {self.model.config.max_position_embeddings}")
         self.greedy_check = _flag(greedy_check)
         from moka_jax.data.records import pad_id
         from moka_jax.eval.generate import eos_ids
