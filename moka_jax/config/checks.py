@@ -57,9 +57,13 @@ def _check(cfg: Config, sources: _Sources):
         if t.hidden % t.heads or t.heads % t.kv_heads:
             fail("model.tiny", f"model.tiny: hidden ({t.hidden}) must divide by heads ({t.heads}) "
                  f"and heads by kv_heads ({t.kv_heads})")
-        if m.tokenizer == "bytes" and t.vocab < BYTE_VOCAB_SIZE:
-            fail("model.tiny.vocab", f"model.tiny.vocab = {t.vocab} is smaller than the byte "
-                 f"tokenizer's {BYTE_VOCAB_SIZE} ids")
+        if m.tokenizer == "bytes":  # the run plan's tokenizer check, early: no file needed
+            from moka_jax.models.llama import check_tokenizer_vocab
+            from moka_jax.models.presets import tiny
+            try:
+                check_tokenizer_vocab(tiny(**dataclasses.asdict(t)), BYTE_VOCAB_SIZE, "bytes")
+            except ValueError as e:
+                fail("model.tiny.vocab", f"model.tiny.vocab = {t.vocab}: {e}")
 
     if isinstance(cfg.adapter.targets, str):
         try:

@@ -32,7 +32,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from moka_jax.data import (DataError, alpaca_prompt, encode_pairs, encode_prompts, load_records,
-                            render_chat)
+                            render_chat, require_tokenizer)
 from moka_jax.models.llama import check_rows
 
 # Answer patterns of LLM-Adapters' extract_answer (case-sensitive, first match wins).
@@ -264,6 +264,7 @@ def evaluate_tasks(model, tokenizer, tasks: dict[str, list[dict]], *, mode: str 
                    **kw) -> dict[str, dict]:
     """{task: result} of evaluate_choice or evaluate_generate (their keyword arguments pass
     through) over load_tasks' {task: records}."""
+    require_tokenizer(tokenizer, "evaluate_tasks")
     fn = {"choice": evaluate_choice, "generate": evaluate_generate}[mode]
     return {t: fn(model, tokenizer, t, recs, **kw) for t, recs in tasks.items()}
 

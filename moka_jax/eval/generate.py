@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moka_jax.data.records import chat_prompts, encode_prompts, pad_id
+from moka_jax.data.records import chat_prompts, encode_prompts, pad_id, require_tokenizer
 from moka_jax.models.llama import check_positions, check_token_ids
 from moka_jax.support.domains import COUNT, NON_NEGATIVE, TOP_P, check
 
@@ -269,6 +269,7 @@ def beam_search(model, input_ids_BT, attention_mask_BT=None, *, num_beams: int =
 def prompt_batch(tokenizer, prompts, *, chat: bool = True):
     """Left-padded (ids_BT, mask_BT) of user prompts, through the chat template when `chat`
     and the tokenizer has one; the tokens are data.encode_prompts', as training masks them."""
+    require_tokenizer(tokenizer, "prompt_batch")
     chat = chat and bool(getattr(tokenizer, "chat_template", None))
     texts = chat_prompts(tokenizer, list(prompts)) if chat else list(prompts)
     return left_pad(encode_prompts(tokenizer, texts, "chat" if chat else "alpaca"),

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from moka_jax.support import files
-from moka_jax.data import DataError, pad_id
+from moka_jax.data import DataError, pad_id, require_tokenizer
 from moka_jax.eval.commonsense import score_continuations
 from moka_jax.models.llama import check_positions
 
@@ -91,6 +91,7 @@ def evaluate_mmlu(model, tokenizer, root, *, shots: int = 5, subjects_: list[str
     """k-shot MMLU on `root`/data/{dev,val}; limit = questions per subject. max_len: the
     longest prompt + answer (shots are dropped until it fits); default and upper bound: the
     model's max_position_embeddings."""
+    require_tokenizer(tokenizer, "evaluate_mmlu")
     max_len = max_len or model.config.max_position_embeddings
     check_positions(max_len, model.config, "evaluate_mmlu: max_len",
                     f"lower max_len to at most {model.config.max_position_embeddings}")

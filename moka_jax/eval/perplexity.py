@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from moka_jax.data import IGNORE, load_records, pad_id, tokenize
+from moka_jax.data import IGNORE, load_records, pad_id, require_tokenizer, tokenize
 from moka_jax.models.llama import check_positions, check_rows
 
 
@@ -69,6 +69,7 @@ def response_nll(model, input_ids: list, labels: list, *, pad: int = 0, batch_si
 def perplexity(model, tokenizer, path, *, template: str = "alpaca", cutoff_len: int = 512,
                limit: int | None = None, batch_size: int = 8, progress: bool = True) -> dict:
     """{"perplexity", "nll", "tokens", "examples"} of the responses (plus EOS) in `path`."""
+    require_tokenizer(tokenizer, "perplexity")
     check_positions(cutoff_len, model.config, "perplexity: cutoff_len",
                     f"lower cutoff_len to at most {model.config.max_position_embeddings}")
     records, _ = load_records(path, "alpaca", limit)

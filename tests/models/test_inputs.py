@@ -11,9 +11,10 @@ from flax import nnx
 import moka_jax as mj
 from moka_jax.config import ConfigError, ModelConfig, TinyModelConfig
 from moka_jax.eval.commonsense import score_continuations
-from moka_jax.eval.generate import beam_search, generate
+from moka_jax.data import DataError
+from moka_jax.eval.generate import answer, beam_search, generate
 from moka_jax.eval.mmlu import evaluate_mmlu
-from moka_jax.eval.perplexity import response_scores
+from moka_jax.eval.perplexity import perplexity, response_scores
 from moka_jax.models import presets
 from moka_jax.models.llama import Llama
 
@@ -55,7 +56,10 @@ INPUT_CASES = [
     (lambda m: score_continuations(m, [[1, 2]], [[[400]]]), ValueError,
      r"score_continuations: row 0: 1 token id\(s\) outside \[0, 259\) \(the model's "
      r"vocab_size\), e\.g\. 400 at index \(2,\)"),
-    (lambda m: evaluate_mmlu(m, None, "no-such-dir", max_len=100), ValueError,
+    (lambda m: answer(m, m.config, None, ["hi"]), DataError,
+     r"prompt_batch: no tokenizer .*moka_jax\.load\(\.\.\., tokenizer=DIR"),
+    (lambda m: perplexity(m, None, "x.json"), DataError, r"perplexity: no tokenizer"),
+    (lambda m: evaluate_mmlu(m, object(), "no-such-dir", max_len=100), ValueError,
      r"evaluate_mmlu: max_len: 100 positions exceed .* lower max_len to at most 64"),
 ]
 
