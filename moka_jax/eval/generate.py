@@ -76,10 +76,11 @@ def _left_padded(model, input_ids_BT, attention_mask_BT, prompt_multiple: int,
     if not mask_BT[:, -1].all():
         raise ValueError("generate needs left-padded prompts (a real token last in every row)")
     prompt = int(mask_BT.sum(1).max())
+    room = config.max_position_embeddings - prompt
     check_positions(prompt + max_new_tokens, config, "generate",
                     f"the longest prompt has {prompt} tokens and max_new_tokens is "
-                    f"{max_new_tokens}: shorten the prompt or lower max_new_tokens to at most "
-                    f"{max(config.max_position_embeddings - prompt, 0)}")
+                    f"{max_new_tokens}: " + (f"lower max_new_tokens to at most {room}" if room > 0
+                                             else "shorten the prompt, it fills them alone"))
     extra = _round_up(t, prompt_multiple) - t
     return np.pad(ids_BT, ((0, 0), (extra, 0))), np.pad(mask_BT, ((0, 0), (extra, 0)))
 

@@ -45,7 +45,9 @@ INPUT_CASES = [
      r"generate: input_ids: 1 token id\(s\) outside \[0, 259\).*e\.g\. -1 at index \(0, 0\)"),
     (lambda m: generate(m, ids(1, 40), max_new_tokens=30), ValueError,
      r"generate: 70 positions exceed the model's max_position_embeddings = 64; the longest "
-     r"prompt has 40 tokens and max_new_tokens is 30: .* lower max_new_tokens to at most 24"),
+     r"prompt has 40 tokens and max_new_tokens is 30: lower max_new_tokens to at most 24"),
+    (lambda m: generate(m, ids(1, 64), max_new_tokens=1), ValueError,
+     r"generate: 65 positions exceed .*: shorten the prompt, it fills them alone"),
     (lambda m: beam_search(m, ids(1, 60), num_beams=2, max_new_tokens=8), ValueError,
      r"generate: 68 positions exceed"),
     (lambda m: generate(m, ids(3)), ValueError, r"input_ids must be \(batch, length\)"),
