@@ -222,7 +222,7 @@ def check_token_ids(ids, vocab_size: int, where: str = "model") -> None:
     """Token ids must be integers in [0, vocab_size): the embedding lookup would give NaN rows
     for ids >= vocab_size and wrap -1 to the last id, silently. The dtype is checked always
     (static); the values only when concrete, so a jitted step pays nothing."""
-    dtype = getattr(ids, "dtype", None) or np.asarray(ids).dtype
+    dtype = ids.dtype if hasattr(ids, "dtype") else np.asarray(ids).dtype
     if not jnp.issubdtype(dtype, jnp.integer):
         raise TypeError(f"{where}: token ids must be integers, got dtype {dtype}")
     if not is_concrete(ids):
