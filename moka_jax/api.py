@@ -23,7 +23,7 @@ from flax import nnx
 from moka_jax import nn
 from moka_jax import quant as quant_lib
 from moka_jax.adapters import adapter_config_to_dict
-from moka_jax.models.llama import Llama
+from moka_jax.models.llama import Llama, check_tokenizer_vocab
 
 
 # The random base is seeded apart from any adapter seed: changing the adapter init seed must not
@@ -33,7 +33,8 @@ RANDOM_BASE_SEED = 1234
 
 def load(base, adapter=None, quant: str | None = "nf4", dtype=None, *, tokenizer=None,
          seed: int = 0, block_size: int | None = None, double_quant: bool | None = None,
-         remat: bool = False, tiny: dict | None = None, progress: bool = False):
+         remat: bool = False, tiny: dict | None = None, int4_symmetric: bool | None = None,
+         progress: bool = False):
     """(model, tokenizer), ready to generate, score or train (the adapter stays trainable).
 
     The one loader of base + adapter + tokenizer: training, evaluation, generation, export,
@@ -51,11 +52,13 @@ def load(base, adapter=None, quant: str | None = "nf4", dtype=None, *, tokenizer
     tokenizer: None (the base's own; the byte tokenizer for "random"), "bytes", "smollm2", a
     directory, or a loaded tokenizer (returned as is). None is returned when the base
     directory has no tokenizer files.
-    block_size, double_quant: the 4-bit layout (default: the adapter's, else 64 and False).
+    block_size, double_quant, int4_symmetric: the 4-bit layout (default: the adapter's, else
+    64, False and True).
     remat: rematerialise each decoder layer in the backward pass (training).
     tiny: the random model's dimensions (models.presets.TINY names; default: the adapter's).
     """
     from moka_jax.config import ModelConfig, resolve_path
+    from moka_jax.config.checks import check_model_section
     from moka_jax.data.records import load_tokenizer
     from moka_jax.io import adapter_io, attach
     from moka_jax.models import presets
@@ -67,6 +70,8 @@ def load(base, adapter=None, quant: str | None = "nf4", dtype=None, *, tokenizer
         base = mc.path if mc.path in KEYWORDS else resolve_path(mc.path)
         quant, dtype, remat = mc.quant, jnp.dtype(mc.dtype), mc.remat
         block_size, double_quant = mc.block_size, mc.double_quant
+        int4_symmetric = mc.int4_symmetric
+        check_model_section(mc)
         tokenizer = mc.tokenizer if tokenizer is None else tokenizer
         tiny = dataclasses.asdict(mc.tiny)
     if quant not in (None, "none", *quant_lib.QUANT_KINDS):
@@ -80,30 +85,41 @@ def load(base, adapter=None, quant: str | None = "nf4", dtype=None, *, tokenizer
     if tokenizer is None:  # loaded before the weights: a bad tokenizer fails fast
         tokenizer = "bytes" if source.kind == "random" else (
             str(source.path) if source.has_tokenizer else None)
+    tokenizer_name = str(tokenizer) if isinstance(tokenizer, str | Path) else \
+        type(tokenizer).__name__
     if isinstance(tokenizer, str | Path):
         tokenizer = load_tokenizer(str(tokenizer))
     q = quant or trained.get("quant") or "nf4"
     block_size = block_size or trained.get("block_size", 64)
     double_quant = trained.get("double_quant", False) if double_quant is None else double_quant
+    symmetric = trained.get("int4_symmetric", True) if int4_symmetric is None else int4_symmetric
     if source.kind == "random":
         tiny = {**presets.TINY, **(tiny or trained.get("tiny") or {})}
-        model = Llama(presets.tiny(**tiny), dtype=dtype, quant=q, block_size=block_size,
-                      double_quant=double_quant, remat=remat, rngs=nnx.Rngs(RANDOM_BASE_SEED))
+        config = presets.tiny(**tiny)
+    if tokenizer is not None and config is not None:  # both ways, before any weight
+        check_tokenizer_vocab(config, len(tokenizer), tokenizer_name)
+    if source.kind == "random":
+        model = Llama(config, dtype=dtype, quant=q, block_size=block_size,
+                      double_quant=double_quant, symmetric=symmetric, remat=remat,
+                      rngs=nnx.Rngs(RANDOM_BASE_SEED))
     elif source.kind == "converted":
         from moka_jax.models.convert import load_converted
         model, _ = load_converted(source.path, remat=remat)
+        if tokenizer is not None:
+            check_tokenizer_vocab(model.config, len(tokenizer), tokenizer_name)
     else:
         if meta is not None:
             attach.check_adapter_base(meta, source.path, q)
             attach.precheck_adapter_shapes(config, meta, adapter)
         model, _ = load_hf(source.path, q, dtype=dtype, block_size=block_size,
-                           double_quant=double_quant, remat=remat, progress=progress)
+                           double_quant=double_quant, symmetric=symmetric, remat=remat,
+                           progress=progress)
     if adapter is not None:
         attach.attach_exported_adapter(model, adapter, seed=seed)
     # Static (hashable) model data: what save_adapter records as the adapter's base.
     model.moka_base = json.dumps({"path": "random" if source.path is None else str(source.path),
                                   "quant": q, "block_size": block_size,
-                                  "double_quant": double_quant,
+                                  "double_quant": double_quant, "int4_symmetric": symmetric,
                                   "tiny": tiny if source.kind == "random" else None})
     return model, tokenizer
 

@@ -11,22 +11,29 @@ from flax import nnx
 from moka_jax.adapters.init import add_in_f32, kaiming_uniform
 from moka_jax.support.domains import COUNT, POSITIVE, check_fields, domain
 from moka_jax.core.kron import accumulation_dtype
+from moka_jax.core.shapes import check_adapter_params
 from moka_jax.variables import AdapterParam
 
 
-def _check_rank(r: int, m: int, n: int, name: str):
+def _check_rank(r: int, m: int, n: int, name: str, kind: str = "LoRA", extra: int = 0):
+    """extra: parameters beside A and B (DoRA's magnitude vector)."""
     if r < 1:
         raise ValueError(f"layer '{name}': LoRA rank must be >= 1, got r={r}")
     if r > min(m, n):
         raise ValueError(f"layer '{name}': LoRA rank r={r} exceeds min(out, in) = {min(m, n)}")
+    check_adapter_params(kind, r * (m + n) + extra, m, n, name,
+                         f"lower adapter.r to at most {(m * n - extra) // (m + n)}")
 
 
 class LoRA(nnx.Module):
     """dW = (alpha / r) * B @ A, A: (r, n) Kaiming-uniform, B: (m, r) zero (as PEFT)."""
 
+    has_magnitude = False  # DoRA: one more trainable vector of out_features
+
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, *,
                  rngs: nnx.Rngs, param_dtype=jnp.float32, name: str = ""):
-        _check_rank(r, out_features, in_features, name)
+        _check_rank(r, out_features, in_features, name, type(self).__name__,
+                    out_features * self.has_magnitude)
         self.m, self.n, self.r = out_features, in_features, r
         self.scaling = float(alpha) / r
         self.lora_a = AdapterParam(kaiming_uniform(rngs.params(), (r, in_features), in_features,
@@ -58,6 +65,8 @@ class DoRA(LoRA):
     As in PEFT, the norm is treated as a constant in the backward pass (stop_gradient), and
     for a 4-bit base W0 is the dequantised weight.
     """
+
+    has_magnitude = True
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, *,
                  w0, rngs: nnx.Rngs, param_dtype=jnp.float32, name: str = ""):

@@ -51,6 +51,9 @@ class MoKA(nnx.Module):
                  param_dtype=jnp.float32, name: str = ""):
         m, n = out_features, in_features
         shapes = shapes_lib.validate_kron_shapes(shapes, m, n, name)
+        shapes_lib.check_adapter_params(
+            "MoKA", sum(map(shapes_lib.moka_params, shapes)) + len(shapes) * bool(gated), m, n,
+            name, "use fewer or smaller components (adapter.r, adapter.shapes, adapter.budget)")
         self.m, self.n, self.r = m, n, len(shapes)
         self.shapes = tuple(shapes)
         self.scale, self.gated = float(scale), bool(gated)
@@ -110,6 +113,10 @@ class MoKAs(nnx.Module):
                  gated: bool = True, rngs: nnx.Rngs, param_dtype=jnp.float32, name: str = ""):
         m, n = out_features, in_features
         primes = shapes_lib.validate_primes(primes, m, n, name)
+        shapes_lib.check_adapter_params(
+            "MoKAs", sum(shapes_lib.mokas_params(m, n, p) for p in primes)
+            + len(primes) * bool(gated), m, n, name,
+            "use fewer or smaller block sizes (adapter.r, adapter.primes, adapter.budget)")
         self.m, self.n, self.r = m, n, len(primes)
         self.primes = tuple(primes)
         self.scale, self.gated = float(scale), bool(gated)

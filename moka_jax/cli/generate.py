@@ -49,9 +49,9 @@ def main(argv=None) -> int:
 
     quant = args.quant or ("none" if jax.default_backend() == "cpu" else "nf4")
     model, tokenizer = load(args.model, args.adapter, quant=quant)  # tokenizer first
-    if tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer files")
     t1 = time.perf_counter()
+    # The tokenizer, prompt ids and prompt + max_new_tokens against the model: checked inside,
+    # before anything compiles, so a bad prompt is an exit status 2 too.
     answers = answer(model, model.config, tokenizer, args.prompt, chat=not args.no_chat,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      top_p=args.top_p, seed=args.seed, num_beams=args.beams)

@@ -3,12 +3,41 @@ run by `validate` before anything heavy is built."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 from moka_jax.config.schema import (BYTE_VOCAB_SIZE, MODEL_KEYWORDS, REPO_ROOT, TOKENIZER_KEYWORDS,
-                                     Config, MeshConfig, _is_dataset)
+                                     Config, MeshConfig, ModelConfig, TinyModelConfig,
+                                     _is_dataset)
 from moka_jax.config.sources import ConfigError, _error, _Sources
+
+
+def model_problems(m: ModelConfig):
+    """(key, message) for each model key set to a value that would have no effect: every key
+    of the section either changes the model or is refused, never ignored."""
+    if m.path != "random" and m.tiny != TinyModelConfig():
+        changed = sorted(f.name for f in dataclasses.fields(m.tiny)
+                         if getattr(m.tiny, f.name) != getattr(TinyModelConfig(), f.name))
+        yield "model.tiny", (f"model.tiny ({', '.join(changed)}) shapes the random model only, "
+                             f"but model.path is {m.path!r} (its own config.json gives its "
+                             "shapes); remove model.tiny or set model.path: random")
+    if m.double_quant and m.quant != "nf4":
+        yield "model.double_quant", (f"model.double_quant quantises nf4 absmax only, but "
+                                     f"model.quant is {m.quant!r}; remove it or use quant nf4")
+    if not m.int4_symmetric and m.quant != "int4":
+        yield "model.int4_symmetric", (f"model.int4_symmetric applies to quant int4 only, but "
+                                       f"model.quant is {m.quant!r}; remove it or use quant int4")
+    if m.quant == "none" and m.block_size != ModelConfig.block_size:
+        yield "model.block_size", (f"model.block_size = {m.block_size} is the 4-bit block size, "
+                                   "but model.quant is 'none'; remove it or use nf4 / int4")
+
+
+def check_model_section(m: ModelConfig) -> ModelConfig:
+    """model_problems as a ConfigError (moka_jax.load of a ModelConfig, outside a run plan)."""
+    for _, msg in model_problems(m):
+        raise ConfigError(msg)
+    return m
 
 
 def _check(cfg: Config, sources: _Sources):
@@ -16,6 +45,8 @@ def _check(cfg: Config, sources: _Sources):
         _error(sources, key, msg)
 
     m = cfg.model
+    for key, msg in model_problems(m):
+        fail(key, msg)
     if not m.path:
         fail("model.path", "model.path is empty")
     if m.path == "random":
@@ -26,9 +57,13 @@ def _check(cfg: Config, sources: _Sources):
         if t.hidden % t.heads or t.heads % t.kv_heads:
             fail("model.tiny", f"model.tiny: hidden ({t.hidden}) must divide by heads ({t.heads}) "
                  f"and heads by kv_heads ({t.kv_heads})")
-        if m.tokenizer == "bytes" and t.vocab < BYTE_VOCAB_SIZE:
-            fail("model.tiny.vocab", f"model.tiny.vocab = {t.vocab} is smaller than the byte "
-                 f"tokenizer's {BYTE_VOCAB_SIZE} ids")
+        if m.tokenizer == "bytes":  # the run plan's tokenizer check, early: no file needed
+            from moka_jax.models.llama import check_tokenizer_vocab
+            from moka_jax.models.presets import tiny
+            try:
+                check_tokenizer_vocab(tiny(**dataclasses.asdict(t)), BYTE_VOCAB_SIZE, "bytes")
+            except ValueError as e:
+                fail("model.tiny.vocab", f"model.tiny.vocab = {t.vocab}: {e}")
 
     if isinstance(cfg.adapter.targets, str):
         try:

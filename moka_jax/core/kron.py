@@ -29,6 +29,7 @@ from einops import rearrange
 
 from moka_jax.core import schedules
 from moka_jax.core.schedules import accumulation_dtype, kron_flops, pad_last
+from moka_jax.support.domains import COUNT, check
 
 SCHEDULES = ("auto", "chunked", "batched")
 
@@ -56,8 +57,7 @@ def kron_apply(x, a, b, m: int, n: int, *, schedule: str = "auto",
                preferred_element_type=None):
     """y = x @ kron(a, b)[:m, :n].T for x of shape (..., n), without forming the product."""
     a, b = jnp.asarray(a), jnp.asarray(b)
-    if a.ndim != 2 or b.ndim != 2:
-        raise ValueError(f"kron_apply: a and b must be matrices, got shapes {a.shape}, {b.shape}")
+    _check_pair(a.shape, b.shape, m, n, "kron_apply")
     return kron_mixture_apply(x, [(a[None], b[None])], [jnp.ones((1,), jnp.float32)], m, n,
                               schedule=schedule, preferred_element_type=preferred_element_type)
 
@@ -110,6 +110,25 @@ def _check_input(x, n: int, where: str):
         raise ValueError(f"{where}: x has shape {x.shape}; its last axis must be n = {n}")
 
 
+def _check_cover(ma: int, na: int, mb: int, nb: int, m: int, n: int, where: str):
+    """The one coverage rule of every apply and materialise: the product is at least (m, n)."""
+    check(f"{where}: m (out features)", m, int, COUNT)
+    check(f"{where}: n (in features)", n, int, COUNT)
+    if ma * mb < m or na * nb < n:
+        raise ValueError(
+            f"{where}: factors A ({ma}, {na}) and B ({mb}, {nb}) give a ({ma * mb}, {na * nb}) "
+            f"product, which does not cover the (m, n) = ({m}, {n}) weight: need ma*mb >= m "
+            f"and na*nb >= n")
+
+
+def _check_pair(a_shape, b_shape, m: int, n: int, where: str):
+    """One factor pair (kron_apply, kron_materialize): two matrices covering (m, n)."""
+    if len(a_shape) != 2 or len(b_shape) != 2:
+        raise ValueError(f"{where}: a and b must be matrices, got shapes {tuple(a_shape)}, "
+                         f"{tuple(b_shape)}")
+    _check_cover(*a_shape, *b_shape, m, n, where)
+
+
 def _check_mixture(x, groups, weights, m: int, n: int):
     where = "kron_mixture_apply"
     _check_input(x, n, where)
@@ -122,30 +141,38 @@ def _check_mixture(x, groups, weights, m: int, n: int):
         if not (stacked and a_shape[0] == b_shape[0] == w_shape[0]):
             raise ValueError(f"{where}: group {g} has A {a_shape}, B {b_shape}, weights "
                              f"{w_shape}; expected A (c, ma, na), B (c, mb, nb), weights (c,)")
-        (_, ma, na), (_, mb, nb) = a_shape, b_shape
-        if ma * mb < m or na * nb < n:
-            raise ValueError(
-                f"{where}: group {g}'s factors A ({ma}, {na}) and B ({mb}, {nb}) give a "
-                f"({ma * mb}, {na * nb}) product, which does not cover the (m, n) = ({m}, {n}) "
-                f"weight: need ma*mb >= m and na*nb >= n")
+        _check_cover(*a_shape[1:], *b_shape[1:], m, n, f"{where}: group {g}")
 
 
 def kron_materialize(a, b, m: int, n: int):
-    """kron(a, b)[:m, :n] as a dense (m, n) array (for merge, export and tests)."""
-    return jnp.kron(a, b)[:m, :n]
+    """kron(a, b)[:m, :n] as a dense (m, n) array (for merge, export and tests); checked as
+    kron_apply is. Only the rows / columns of `a` whose blocks reach into [:m, :n] are
+    expanded, so padding costs at most one block, never the whole padded product."""
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    _check_pair(a.shape, b.shape, m, n, "kron_materialize")
+    (mb, nb) = b.shape
+    return jnp.kron(a[:-(-m // mb), :-(-n // nb)], b)[:m, :n]
+
+
+def _check_blockdiag(c_shape, m: int, n: int, where: str) -> tuple[int, int, int]:
+    """(k, q, p) of kron(I_k, c)[:m, :n], checked the same for apply and materialise."""
+    check(f"{where}: m (out features)", m, int, COUNT)
+    check(f"{where}: n (in features)", n, int, COUNT)
+    if len(c_shape) != 2:
+        raise ValueError(f"{where}: c must be a (q, p) matrix, got shape {tuple(c_shape)}")
+    q, p = c_shape
+    k = math.ceil(n / p)
+    if k * q < m:
+        raise ValueError(f"{where}: {k} blocks of c ({q}, {p}) give {k * q} output rows, "
+                         f"fewer than m = {m}; c needs q >= ceil(m / k) = {math.ceil(m / k)}")
+    return k, q, p
 
 
 def blockdiag_apply(x, c, m: int, n: int, *, preferred_element_type=None):
     """y = x @ kron(I_k, c)[:m, :n].T with c: (q, p), k = ceil(n / p). Dtypes: as kron_apply."""
     x, c = jnp.asarray(x), jnp.asarray(c)
     _check_input(x, n, "blockdiag_apply")
-    if c.ndim != 2:
-        raise ValueError(f"blockdiag_apply: c must be a (q, p) matrix, got shape {c.shape}")
-    q, p = c.shape
-    k = math.ceil(n / p)
-    if k * q < m:
-        raise ValueError(f"blockdiag_apply: {k} blocks of c ({q}, {p}) give {k * q} output rows, "
-                         f"fewer than m = {m}; c needs q >= ceil(m / k) = {math.ceil(m / k)}")
+    k, _, p = _check_blockdiag(c.shape, m, n, "blockdiag_apply")
     x_kp = rearrange(pad_last(x, k * p), "... (k p) -> ... k p", p=p)
     y_kq = jnp.einsum("...kp,qp->...kq", x_kp, c.astype(x.dtype),
                       preferred_element_type=accumulation_dtype(x.dtype))
@@ -154,7 +181,7 @@ def blockdiag_apply(x, c, m: int, n: int, *, preferred_element_type=None):
 
 
 def blockdiag_materialize(c, m: int, n: int):
-    """kron(I_k, c)[:m, :n] with k = ceil(n / p)."""
-    q, p = c.shape
-    k = math.ceil(n / p)
+    """kron(I_k, c)[:m, :n] with k = ceil(n / p); checked as blockdiag_apply is."""
+    c = jnp.asarray(c)
+    k, _, _ = _check_blockdiag(c.shape, m, n, "blockdiag_materialize")
     return jnp.kron(jnp.eye(k, dtype=c.dtype), c)[:m, :n]

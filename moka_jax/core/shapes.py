@@ -20,6 +20,12 @@ KronShape = tuple[tuple[int, int], tuple[int, int]]
 MAX_PAD_FRACTION = 0.05
 # Aspect ratios beyond 16:1 give kron products of very low rank for their cost.
 MAX_LOG2_ASPECT = 4.0
+# Plausibility of explicit shapes. A padded dim of PAD_LIMIT x the layer's or more is refused:
+# fixing either factor (at most the dim) and taking the other as the ceiling always lands below
+# 2x (ma * ceil(m / ma) < m + ma <= 2m), so reaching 2x means a factor larger than the cover
+# needs, whose extra rows / columns are zeros computed on every token (and, for merge, a
+# materialised product that large). [[512,512],[512,512]] on a 64x64 layer pads to 262144^2.
+PAD_LIMIT = 2
 
 
 def _layer(layer: str) -> str:
@@ -36,6 +42,7 @@ def _check_dims(fn: str, m, n, r=None, budget=None) -> None:
 
 
 def moka_params(shape: KronShape) -> int:
+    """Parameters of one component's two factors (the gate adds one per component)."""
     (ma, na), (mb, nb) = shape
     return ma * na + mb * nb
 
@@ -65,8 +72,32 @@ def validate_kron_shapes(shapes, m: int, n: int, layer: str = "") -> list[KronSh
                 f"{ma * mb}x{na * nb} but the weight is {m}x{n} (out x in); the rule is "
                 f"ma*mb >= {m} and na*nb >= {n}"
             )
+        if ma * mb >= PAD_LIMIT * m or na * nb >= PAD_LIMIT * n:
+            raise ValueError(
+                f"{_layer(layer)}: component {i} A={ma}x{na}, B={mb}x{nb} pads the {m}x{n} "
+                f"weight (out x in) to {ma * mb}x{na * nb}, {PAD_LIMIT}x or more of a dim; the "
+                f"rule is ma*mb < {PAD_LIMIT * m} and na*nb < {PAD_LIMIT * n} (pick one factor "
+                f"and take the other as the ceiling, e.g. mb = ceil({m} / ma)), so no compute "
+                f"goes to rows or columns of zeros")
         out.append(((ma, na), (mb, nb)))
     return out
+
+
+def check_adapter_params(kind: str, params: int, m: int, n: int, layer: str = "",
+                         fix: str = "") -> int:
+    """Refuse an adapter with more trainable parameters than the (m, n) layer it adapts.
+
+    A dense dW of the layer has m * n parameters and can express any update; an adapter with
+    more is a costlier way to reach at most that (LoRA past rank m*n / (m + n), MoKA factors
+    larger than the layer), so it is a mistake in its shapes, rank or r, not a choice.
+    """
+    if params > m * n:
+        raise ValueError(
+            f"{_layer(layer)}: the {kind} adapter has {params:,} trainable parameters, more "
+            f"than the {m}x{n} layer's own {m * n:,} (out x in); an adapter is refused above "
+            f"the layer's parameter count, where a dense update would be cheaper"
+            + (f"; {fix}" if fix else ""))
+    return params
 
 
 def shapes_table(shapes):

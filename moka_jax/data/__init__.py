@@ -10,7 +10,8 @@ from moka_jax.data.records import (ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, 
                                    LLM_ADAPTERS_PROMPT_INPUT, LLM_ADAPTERS_PROMPT_NO_INPUT,
                                    TEMPLATES, DataError, TokenizedData, alpaca_prompt,
                                    byte_tokenizer, chat_prompts, encode_pairs, encode_prompts,
-                                   load_tokenizer, pad_id, render, render_chat, tokenize)
+                                   load_tokenizer, pad_id, render, render_chat,
+                                   require_tokenizer, tokenize)
 from moka_jax.data.sources import build_datasets, load_records, tokenize_file
 
 __all__ = [
@@ -18,5 +19,5 @@ __all__ = [
     "LLM_ADAPTERS_PROMPT_INPUT", "LLM_ADAPTERS_PROMPT_NO_INPUT", "TEMPLATES", "TokenizedData",
     "alpaca_prompt", "build_datasets", "byte_tokenizer", "chat_prompts", "encode_pairs",
     "encode_prompts", "load_records", "load_tokenizer", "pad_id", "render", "render_chat",
-    "tokenize", "tokenize_file",
+    "require_tokenizer", "tokenize", "tokenize_file",
 ]

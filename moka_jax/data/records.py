@@ -165,6 +165,15 @@ def load_tokenizer(spec: str):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
+def require_tokenizer(tokenizer, where: str):
+    """The tokenizer an evaluation or generation needs: moka_jax.load returns None for a base
+    directory without tokenizer files, and that None must not reach the first encode."""
+    if tokenizer is None:
+        raise DataError(f"{where}: no tokenizer (the base directory has no tokenizer files); "
+                        "pass one to moka_jax.load(..., tokenizer=DIR | 'bytes' | 'smollm2')")
+    return tokenizer
+
+
 def pad_id(tokenizer) -> int:
     for t in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if t is not None:

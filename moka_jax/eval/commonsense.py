@@ -32,7 +32,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from moka_jax.data import (DataError, alpaca_prompt, encode_pairs, encode_prompts, load_records,
-                            render_chat)
+                            render_chat, require_tokenizer)
+from moka_jax.models.llama import check_rows
 
 # Answer patterns of LLM-Adapters' extract_answer (case-sensitive, first match wins).
 TASK_PATTERNS = {
@@ -183,6 +184,8 @@ def score_continuations(model, contexts: list[list[int]], conts: list[list[list[
     max or min_candidates) and the last batch is filled with copies, so few compiled steps
     serve all batches, and, with a common min_candidates, all tasks.
     """
+    check_rows(model.config, [[*ctx, *t] for ctx, c in zip(contexts, conts) for t in c] + [[pad_id]],
+               "score_continuations", "shorten the contexts (fewer shots, a lower cutoff)")
     graphdef, state = nnx.split(model)
     n_cand = max(max(len(c) for c in conts), min_candidates)
     cont_len = _round_up(max(len(t) for c in conts for t in c), 8)
@@ -261,6 +264,7 @@ def evaluate_tasks(model, tokenizer, tasks: dict[str, list[dict]], *, mode: str 
                    **kw) -> dict[str, dict]:
     """{task: result} of evaluate_choice or evaluate_generate (their keyword arguments pass
     through) over load_tasks' {task: records}."""
+    require_tokenizer(tokenizer, "evaluate_tasks")
     fn = {"choice": evaluate_choice, "generate": evaluate_generate}[mode]
     return {t: fn(model, tokenizer, t, recs, **kw) for t, recs in tasks.items()}
 

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moka_jax.data.records import chat_prompts, encode_prompts, pad_id
+from moka_jax.data.records import chat_prompts, encode_prompts, pad_id, require_tokenizer
+from moka_jax.models.llama import check_positions, check_token_ids
 from moka_jax.support.domains import COUNT, NON_NEGATIVE, TOP_P, check
 
 
@@ -53,16 +54,35 @@ def _check_decoding(max_new_tokens, num_beams, prompt_multiple, cache_multiple):
         check(f"generate: {name}", v, int, COUNT)
 
 
-def _left_padded(input_ids_BT, attention_mask_BT, pad_token_id: int, prompt_multiple: int):
-    """(ids_BT, mask_BT) in numpy, length rounded up to prompt_multiple by masked left pads."""
-    ids_BT = np.asarray(input_ids_BT, np.int32)
+def _left_padded(model, input_ids_BT, attention_mask_BT, prompt_multiple: int,
+                 max_new_tokens: int):
+    """(ids_BT, mask_BT) in numpy, length rounded up to prompt_multiple by masked left pads;
+    the real ids checked against the vocabulary, and the longest prompt plus
+    max_new_tokens against the model's positions, before anything compiles."""
+    ids_BT = np.asarray(input_ids_BT)
+    if ids_BT.ndim != 2:
+        raise ValueError(f"generate: input_ids must be (batch, length), got shape {ids_BT.shape}")
+    config = model.config
     b, t = ids_BT.shape
     mask_BT = np.ones((b, t), bool) if attention_mask_BT is None else np.asarray(attention_mask_BT, bool)
+    if mask_BT.shape != (b, t):
+        raise ValueError(f"generate: attention_mask has shape {mask_BT.shape}, input_ids {(b, t)}")
+    # The real tokens are checked; masked slots are fed as id 0, so a pad id the vocabulary
+    # lacks (-1, or >= vocab_size, whose NaN embedding would reach the row through 0 * NaN in
+    # attention) cannot matter.
+    ids_BT = np.where(mask_BT, ids_BT, 0)
+    check_token_ids(ids_BT, config.vocab_size, "generate: input_ids")
+    ids_BT = ids_BT.astype(np.int32)
     if not mask_BT[:, -1].all():
         raise ValueError("generate needs left-padded prompts (a real token last in every row)")
+    prompt = int(mask_BT.sum(1).max())
+    room = config.max_position_embeddings - prompt
+    check_positions(prompt + max_new_tokens, config, "generate",
+                    f"the longest prompt has {prompt} tokens and max_new_tokens is "
+                    f"{max_new_tokens}: " + (f"lower max_new_tokens to at most {room}" if room > 0
+                                             else "shorten the prompt, it fills them alone"))
     extra = _round_up(t, prompt_multiple) - t
-    ids_BT = np.pad(ids_BT, ((0, 0), (extra, 0)), constant_values=pad_token_id)
-    return ids_BT, np.pad(mask_BT, ((0, 0), (extra, 0)))
+    return np.pad(ids_BT, ((0, 0), (extra, 0))), np.pad(mask_BT, ((0, 0), (extra, 0)))
 
 
 def generate(model, input_ids_BT, attention_mask_BT=None, *, max_new_tokens: int = 64,
@@ -90,7 +110,8 @@ def generate(model, input_ids_BT, attention_mask_BT=None, *, max_new_tokens: int
                            pad_token_id=pad_token_id, length_penalty=length_penalty,
                            early_stopping=early_stopping, prompt_multiple=prompt_multiple,
                            cache_multiple=cache_multiple)
-    ids_BT, mask_BT = _left_padded(input_ids_BT, attention_mask_BT, pad_token_id, prompt_multiple)
+    ids_BT, mask_BT = _left_padded(model, input_ids_BT, attention_mask_BT, prompt_multiple,
+                                   max_new_tokens)
     b, t = ids_BT.shape
     graphdef, state = nnx.split(model)
     greedy = temperature <= 0
@@ -210,7 +231,8 @@ def beam_search(model, input_ids_BT, attention_mask_BT=None, *, num_beams: int =
     can beat its worst finished one (early_stopping=False: scored at the current length).
     """
     _check_decoding(max_new_tokens, num_beams, prompt_multiple, cache_multiple)
-    ids_BT, mask_BT = _left_padded(input_ids_BT, attention_mask_BT, pad_token_id, prompt_multiple)
+    ids_BT, mask_BT = _left_padded(model, input_ids_BT, attention_mask_BT, prompt_multiple,
+                                   max_new_tokens)
     (b, t), n, m = ids_BT.shape, num_beams, max_new_tokens
     eos = np.asarray(list(eos_token_ids), np.int32)
     k = max(2, 1 + len(eos)) * n
@@ -248,6 +270,7 @@ def beam_search(model, input_ids_BT, attention_mask_BT=None, *, num_beams: int =
 def prompt_batch(tokenizer, prompts, *, chat: bool = True):
     """Left-padded (ids_BT, mask_BT) of user prompts, through the chat template when `chat`
     and the tokenizer has one; the tokens are data.encode_prompts', as training masks them."""
+    require_tokenizer(tokenizer, "prompt_batch")
     chat = chat and bool(getattr(tokenizer, "chat_template", None))
     texts = chat_prompts(tokenizer, list(prompts)) if chat else list(prompts)
     return left_pad(encode_prompts(tokenizer, texts, "chat" if chat else "alpaca"),

@@ -50,9 +50,12 @@ class MokaLM(LM):
         self.model, self.tokenizer = load(base, adapter or None, quant=quant,
                                           dtype=None if dtype is None else getattr(jnp, dtype),
                                           tokenizer=tokenizer, seed=int(seed))
-        if self.tokenizer is None:
-            raise ValueError(f"base {base!r} has no tokenizer files; pass tokenizer=DIR|bytes")
+        from moka_jax.data.records import require_tokenizer
+        require_tokenizer(self.tokenizer, f"lm-eval base {base!r}")
         self.max_length = int(max_length or self.model.config.max_position_embeddings)
+        from moka_jax.models.llama import check_positions
+        check_positions(self.max_length, self.model.config, "lm-eval max_length",
+                        f"lower it to at most {self.model.config.max_position_embeddings}")
         self.greedy_check = _flag(greedy_check)
         from moka_jax.data.records import pad_id
         from moka_jax.eval.generate import eos_ids

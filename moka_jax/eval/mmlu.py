@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from moka_jax.support import files
-from moka_jax.data import DataError, pad_id
+from moka_jax.data import DataError, pad_id, require_tokenizer
 from moka_jax.eval.commonsense import score_continuations
+from moka_jax.models.llama import check_positions
 
 CHOICES = ("A", "B", "C", "D")
 
@@ -85,9 +86,15 @@ def aggregate(per_subject: dict[str, dict], categories: dict[str, str]) -> dict:
 
 
 def evaluate_mmlu(model, tokenizer, root, *, shots: int = 5, subjects_: list[str] | None = None,
-                  limit: int | None = None, max_len: int = 2048, batch_size: int = 4,
+                  limit: int | None = None, max_len: int | None = None, batch_size: int = 4,
                   progress: bool = True) -> dict:
-    """k-shot MMLU on `root`/data/{dev,val}; limit = questions per subject."""
+    """k-shot MMLU on `root`/data/{dev,val}; limit = questions per subject. max_len: the
+    longest prompt + answer (shots are dropped until it fits); default and upper bound: the
+    model's max_position_embeddings."""
+    require_tokenizer(tokenizer, "evaluate_mmlu")
+    max_len = max_len or model.config.max_position_embeddings
+    check_positions(max_len, model.config, "evaluate_mmlu: max_len",
+                    f"lower max_len to at most {model.config.max_position_embeddings}")
     root = Path(root)
     categories = load_categories(root / "subject_categories.json")
     letters = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in CHOICES]

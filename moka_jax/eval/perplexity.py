@@ -10,7 +10,8 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from moka_jax.data import IGNORE, load_records, pad_id, tokenize
+from moka_jax.data import IGNORE, load_records, pad_id, require_tokenizer, tokenize
+from moka_jax.models.llama import check_positions, check_rows
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
@@ -35,6 +36,8 @@ def response_scores(model, input_ids: list, labels: list, *, pad: int = 0, batch
     "greedy" (True when every labelled token is the argmax of its prediction given the tokens
     before it: greedy decoding from the prompt reproduces the labelled response exactly, ties
     aside). Right padding, lengths rounded up to `multiple` so few shapes compile."""
+    check_rows(model.config, [*input_ids, [pad]], "response_scores",
+               f"tokenize with cutoff_len <= {model.config.max_position_embeddings}")
     graphdef, state = nnx.split(model)
     order = np.argsort([len(x) for x in input_ids], kind="stable")
     nll = np.zeros(len(input_ids), np.float64)
@@ -66,6 +69,9 @@ def response_nll(model, input_ids: list, labels: list, *, pad: int = 0, batch_si
 def perplexity(model, tokenizer, path, *, template: str = "alpaca", cutoff_len: int = 512,
                limit: int | None = None, batch_size: int = 8, progress: bool = True) -> dict:
     """{"perplexity", "nll", "tokens", "examples"} of the responses (plus EOS) in `path`."""
+    require_tokenizer(tokenizer, "perplexity")
+    check_positions(cutoff_len, model.config, "perplexity: cutoff_len",
+                    f"lower cutoff_len to at most {model.config.max_position_embeddings}")
     records, _ = load_records(path, "alpaca", limit)
     ids, labels = tokenize(records, tokenizer, template=template, cutoff_len=cutoff_len)
     nll, n = response_nll(model, ids, labels, pad=pad_id(tokenizer), batch_size=batch_size,

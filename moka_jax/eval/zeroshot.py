@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moka_jax.data import DataError
+from moka_jax.data import DataError, require_tokenizer
 from moka_jax.eval.commonsense import _pad, _round_up, length_bucket, score_continuations
 
 TARGET_DELIMITER = " "
@@ -303,6 +303,7 @@ def evaluate_zeroshot(model, tokenizer, tasks: dict[str, list[dict]], *, batch_s
     """{"tasks": {task: {"acc", "acc_norm", "n", "items": [{gold, pred, pred_norm, scores}]}},
     "average": {"acc", "acc_norm"} (macro over tasks), "n"} over {task: LLM-Adapters records}.
     Every record is parsed before any is scored."""
+    require_tokenizer(tokenizer, "evaluate_zeroshot")
     docs = {t: parse_task(t, recs) for t, recs in tasks.items()}
     flat = [d for ds in docs.values() for d in ds]
     scores = iter(score_docs(model, tokenizer, flat, batch_size=batch_size, progress=progress))

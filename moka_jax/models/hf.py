@@ -23,7 +23,7 @@ from flax import nnx
 from moka_jax.support import files as fio
 from moka_jax.support import outputs
 from moka_jax.support.finite import check_finite
-from moka_jax.models.llama import Llama, LlamaConfig
+from moka_jax.models.llama import Llama, LlamaConfig, check_tokenizer_vocab
 from moka_jax.models.source import CONVERTED_MARKER
 from moka_jax.nn import Linear
 
@@ -235,9 +235,10 @@ def check_tokenizer(path, config: LlamaConfig):
     except Exception as e:  # the tokenizers library's errors do not name the file
         raise CheckpointError(file, f"not a tokenizer the `tokenizers` library reads ({e})",
                               fix) from None
-    if n > config.vocab_size:
-        raise CheckpointError(f"{file}: tokenizer has {n} tokens but model.embed_tokens.weight has "
-                              f"{config.vocab_size} rows (config.json vocab_size)")
+    try:
+        check_tokenizer_vocab(config, n, file.name)
+    except ValueError as e:
+        raise CheckpointError(f"{file}: {e}") from None
 
 
 def default_dtype():
@@ -273,8 +274,8 @@ def _place(tree, prefix: str, sharding):
 
 
 def load_hf(path, quant: str = "nf4", *, dtype=None, block_size: int = 64,
-            double_quant: bool = False, sharding=None, remat: bool = False,
-            progress: bool = False) -> tuple[Llama, LlamaConfig]:
+            double_quant: bool = False, symmetric: bool = True, sharding=None,
+            remat: bool = False, progress: bool = False) -> tuple[Llama, LlamaConfig]:
     """Load a HF LLaMA directory, quantising each frozen linear as it streams in.
 
     The model skeleton is built abstractly (nnx.eval_shape, no random weights); each tensor is
@@ -308,8 +309,9 @@ def load_hf(path, quant: str = "nf4", *, dtype=None, block_size: int = 64,
         bias = None if bias is None else _read_tensor(bias, entries[bias]).astype(np.float32)
         # quantize() reads bf16 / f16 as stored (no f32 copy of the tensor).
         layer = Linear.from_weight(arr, bias, quant="none" if s.path == "lm_head" else quant,
-                                   block_size=block_size, double_quant=double_quant, dtype=dtype,
-                                   param_dtype=dtype, name=s.path)
+                                   block_size=block_size, double_quant=double_quant,
+                                   symmetric=symmetric, dtype=dtype, param_dtype=dtype,
+                                   name=s.path)
         del arr
         if sharding is not None:
             for name in ("kernel", "bias"):

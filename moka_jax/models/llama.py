@@ -32,6 +32,9 @@ from moka_jax.nn import Linear
 from moka_jax.variables import FrozenWeight
 
 ROPE_TYPES = ("default", "llama3")
+# Checkpoints round their embedding up for matmul efficiency (phi-2: 50295 tokens in 51200 rows,
+# a multiple of 1024; Qwen2: 151665 in 151936); more rows than the next multiple is a mismatch.
+VOCAB_PAD_MULTIPLE = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,6 +252,73 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
     return o_BTKGH.reshape(b, t, n * h).astype(q_BTNH.dtype)
 
 
+# ---- input checks (Python, on shapes and concrete values: nothing runs under tracing) -----
+
+def is_concrete(x) -> bool:
+    """A value Python can read now (not a jit / grad tracer)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_token_ids(ids, vocab_size: int, where: str = "model") -> None:
+    """Token ids must be integers in [0, vocab_size): the embedding lookup would give NaN rows
+    for ids >= vocab_size and wrap -1 to the last id, silently. The dtype is checked always
+    (static); the values only when concrete, so a jitted step pays nothing."""
+    dtype = ids.dtype if hasattr(ids, "dtype") else np.asarray(ids).dtype
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"{where}: token ids must be integers, got dtype {dtype}")
+    if not is_concrete(ids):
+        return
+    ids = np.asarray(ids)
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{where}: {int(bad.sum())} token id(s) outside [0, {vocab_size}) (the model's "
+            f"vocab_size), e.g. {int(ids[at])} at index {at}; encode with the model's own "
+            f"tokenizer, and pad with an id the vocabulary has")
+
+
+def check_positions(n: int, config: LlamaConfig, where: str = "model", fix: str = "") -> None:
+    """n positions (prompt + new tokens, a sequence, a bucket) must fit max_position_embeddings:
+    past it RoPE runs on positions the model never saw and the output is garbage."""
+    limit = config.max_position_embeddings
+    if n > limit:
+        raise ValueError(f"{where}: {n} positions exceed the model's max_position_embeddings = "
+                         f"{limit}; {fix or f'shorten the input to at most {limit} tokens'}")
+
+
+def check_rows(config: LlamaConfig, rows, where: str, fix: str = "", extra: int = 0) -> None:
+    """Token rows (lists of ids, before padding) of an evaluation or a prompt batch: every id in
+    the vocabulary and every row, plus `extra` new tokens, within the model's positions."""
+    rows = [np.asarray(r, np.int64) for r in rows]
+    if not rows:
+        return
+    check_positions(max(map(len, rows)) + extra, config, where, fix)
+    flat = np.concatenate(rows)
+    bad = np.flatnonzero((flat < 0) | (flat >= config.vocab_size))
+    if bad.size:  # named by its row: the first row holding a bad id
+        row = int(np.searchsorted(np.cumsum([len(r) for r in rows]), bad[0], side="right"))
+        check_token_ids(rows[row], config.vocab_size, f"{where}: row {row}")
+
+
+def check_tokenizer_vocab(config: LlamaConfig, n_tokens: int, tokenizer: str) -> None:
+    """The tokenizer and the embedding must agree both ways. More tokens than rows index past
+    the table (NaN logits); many more rows than tokens means the tokenizer is another model's
+    (SmolLM2's 49152 rows under the 259-id byte tokenizer train, at a far higher loss). The
+    rows may exceed the tokens only by padding to a multiple of VOCAB_PAD_MULTIPLE."""
+    rows = config.vocab_size
+    fix = "use the model's own tokenizer (model.tokenizer: null / tokenizer=None)"
+    if n_tokens > rows:
+        raise ValueError(f"the tokenizer ({tokenizer}) has {n_tokens} tokens but the model's "
+                         f"embedding has {rows} rows (vocab_size); {fix}")
+    padded = -(-n_tokens // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+    if rows > padded:
+        raise ValueError(f"the model's embedding has {rows} rows (vocab_size) but the tokenizer "
+                         f"({tokenizer}) has only {n_tokens} tokens, more than padding to a "
+                         f"multiple of {VOCAB_PAD_MULTIPLE} ({padded}) explains: it is another "
+                         f"model's tokenizer; {fix}")
+
+
 # ---- modules -----------------------------------------------------------------------------
 
 class RMSNorm(nnx.Module):
@@ -349,15 +419,16 @@ class Llama(nnx.Module):
 
     dtype: compute dtype (bf16 on accelerators; f32 for CPU parity). param_dtype: storage dtype of
     the float frozen weights. quant: "none" | "nf4" | "int4" for every Linear (random init; real
-    checkpoints go through `moka_jax.models.hf.load_hf`). remat: checkpoint each block.
+    checkpoints go through `moka_jax.models.hf.load_hf`); symmetric: int4 without zero points.
+    remat: checkpoint each block.
     """
 
     def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  quant: str = "none", block_size: int = 64, double_quant: bool = False,
-                 remat: bool = False, rngs: nnx.Rngs):
+                 symmetric: bool = True, remat: bool = False, rngs: nnx.Rngs):
         self.config, self.dtype, self.remat = config, dtype, remat
         linear_kw = dict(quant=quant, block_size=block_size, double_quant=double_quant,
-                         dtype=dtype, param_dtype=param_dtype)
+                         symmetric=symmetric, dtype=dtype, param_dtype=param_dtype)
         c = config
         self.embed = Embed(c.vocab_size, c.hidden_size, param_dtype=param_dtype, rngs=rngs)
         self.layers = nnx.List([
@@ -387,6 +458,7 @@ class Llama(nnx.Module):
         positions_BT (restarting per example) replace attention_mask_BT; no cache.
         """
         b, t = input_ids_BT.shape
+        check_token_ids(input_ids_BT, self.config.vocab_size)
         q_slot_T = jnp.arange(t, dtype=jnp.int32)
         windows = self.config.layer_windows
         if segment_ids_BT is not None:
@@ -411,6 +483,10 @@ class Llama(nnx.Module):
             if positions_BT is None:
                 positions_BT = positions_from_mask(mask_BT, prior_B)
             masks = {w: attention_mask(key_valid_BS, q_slot_T, k_slot_S, w) for w in set(windows)}
+        if attention_mask_BT is None and cache is None and segment_ids_BT is None:
+            check_positions(t, self.config)  # static: positions 0 .. t-1
+        elif is_concrete(positions_BT) and positions_BT.size:  # eager calls; padding not counted
+            check_positions(int(np.max(positions_BT)) + 1, self.config)
         cos_BTH, sin_BTH = rope_cos_sin(positions_BT, rope_inv_freq(self.config))
 
         run = _run_block_remat if self.remat else _run_block

@@ -7,12 +7,13 @@ It checks, in this order: the config and the environment (data files, model path
 against the visible devices, then the batch against the mesh); the run directory (its lock
 first: one live owner, see training.lock; then whose run it is, never over an input, see
 outputs.check_output) and its newest intact checkpoint; the model directory (config.json,
-safetensors headers against it, tokenizer files); the adapter against the model's layers
-(targets match, shapes / primes / ranks fit every targeted layer, planned on an abstract
-model); the tokenizer against the embedding; on a resume, the data and tokenizer by content
-against the checkpoint's (check_same_data); the data (fields, tokenisation, what is dropped and
-why). Only when all of that holds does it touch the run directory (replace an old run when
-train.overwrite asks, write the run's marker); only the lock file is written before.
+safetensors headers against it, tokenizer files); data.cutoff_len against the model's
+positions; the adapter against the model's layers (targets match, shapes / primes / ranks fit
+every targeted layer, planned on an abstract model); the tokenizer against the embedding (both
+ways); on a resume, the data and tokenizer by content against the checkpoint's
+(check_same_data); the data (fields, tokenisation, what is dropped and why). Only when all of
+that holds does it touch the run directory (replace an old run when train.overwrite asks, write
+the run's marker); only the lock file is written before.
 """
 
 from __future__ import annotations
@@ -121,6 +122,20 @@ def model_config(cfg: Config, source: Path | None):
     check_checkpoint(llama, checkpoint_index(source), source)
     check_tokenizer(source, llama)
     return llama
+
+
+def check_lengths(cfg: Config, llama) -> None:
+    """Every training and validation sequence fits the model's positions. data.cutoff_len is the
+    bound: an example is cut to it, padding does not advance positions, and packed examples
+    restart theirs, so buckets longer than it (room to pack) are not a position problem."""
+    from moka_jax.models.llama import check_positions
+
+    limit = llama.max_position_embeddings
+    try:
+        check_positions(cfg.data.cutoff_len, llama, "data.cutoff_len",
+                        f"lower data.cutoff_len to at most {limit}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_adapter(cfg: Config, llama) -> list[str]:
@@ -296,16 +311,18 @@ def _plan_locked(cfg, out_dir, fp, source, tok, inputs, mesh, lock, quiet) -> Ru
     from moka_jax.data.identity import data_identity
     from moka_jax.data.records import load_tokenizer
     from moka_jax.data.sources import build_datasets
+    from moka_jax.models.llama import check_tokenizer_vocab
 
     state, resume_step = claim_run_dir(cfg, out_dir, fp, inputs)
 
     llama = model_config(cfg, source)
+    check_lengths(cfg, llama)
     targets = check_adapter(cfg, llama)
     tokenizer = load_tokenizer(tok)
-    if len(tokenizer) > llama.vocab_size:
-        raise ConfigError(f"model.tokenizer: the tokenizer ({tok}) has {len(tokenizer)} tokens "
-                          f"but the model's embedding has {llama.vocab_size} rows; use the "
-                          "model's own tokenizer (model.tokenizer: null)")
+    try:
+        check_tokenizer_vocab(llama, len(tokenizer), tok)
+    except ValueError as e:
+        raise ConfigError(f"model.tokenizer: {e}") from None
     inputs_id = data_identity(cfg.data, tokenizer)
     changes = None if resume_step is None else \
         check_same_data(cfg, out_dir / "checkpoints" / str(resume_step), resume_step, inputs_id)
@@ -321,6 +338,7 @@ def _plan_locked(cfg, out_dir, fp, source, tok, inputs, mesh, lock, quiet) -> Ru
                    inputs=inputs_id, data_changes=changes)
 
 
-__all__ = ["RUN_ENTRIES", "RunPlan", "check_adapter", "claim_run_dir", "data_summary",
-           "check_same_data", "fingerprint", "model_config", "model_source", "plan_run", "run_dir", "take_run_dir",
+__all__ = ["RUN_ENTRIES", "RunPlan", "check_adapter", "check_lengths", "check_same_data",
+           "claim_run_dir", "data_summary", "fingerprint", "model_config", "model_source",
+           "plan_run", "run_dir", "take_run_dir",
            "tiny_llama_config", "tokenizer_spec"]

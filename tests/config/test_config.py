@@ -205,10 +205,10 @@ def test_adapter_errors():
 
 
 def test_adapter_schedule_reaches_the_layers():
-    cfg = C.config_from_dict(minimal(adapter={"kind": "moka", "schedule": "batched"}))
+    cfg = C.config_from_dict(minimal(adapter={"kind": "moka", "schedule": "batched", "r": 2}))
     assert cfg.adapter.config.schedule == "batched" and cfg.to_dict()["adapter"]["schedule"] == "batched"
     assert C.config_from_dict(minimal()).adapter.config.schedule == "auto"
-    base = nn.Linear(8, 8, rngs=nnx.Rngs(0))
+    base = nn.Linear(8, 8, rngs=nnx.Rngs(0))  # r=2: the default r=10 outweighs an 8x8 layer
     assert cfg.adapter.config.build(base, "q_proj", nnx.Rngs(1)).schedule == "batched"
 
 

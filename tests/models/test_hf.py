@@ -315,5 +315,6 @@ def test_tokenizer_larger_than_embedding(tiny_copy):
 
     vocab = {f"t{i}": i for i in range(300)}  # the embedding has 256 rows
     Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(tiny_copy / "tokenizer.json"))
-    with pytest.raises(CheckpointError, match=r"tokenizer\.json: tokenizer has 300 tokens.*256 rows"):
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: the tokenizer \(tokenizer\.json\) "
+                                                 r"has 300 tokens.*256 rows"):
         load_hf(tiny_copy, "none")
