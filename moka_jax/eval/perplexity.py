@@ -56,10 +56,14 @@ def response_scores(model, input_ids: list, labels: list, *, pad: int = 0, batch
     return {"nll": nll, "tokens": tokens, "greedy": (hits == tokens) & (tokens > 0)}
 
 
+TRACES = {"packed_scores": 0}  # how often _slot_scores was traced (= compiled) in this process
+
+
 @partial(jax.jit, static_argnames=("graphdef",))
 def _slot_scores(graphdef, state, ids_BT, segment_ids_BT, positions_BT, pos_BC, tgt_BC):
     """(B, C) NLL and (B, C) argmax hits at the label slots of packed rows: the head runs on
     the scored positions only, as the train step's loss does."""
+    TRACES["packed_scores"] += 1  # runs at trace time only
     model = nnx.merge(graphdef, state)
     x_BTD, _ = model.hidden(ids_BT, segment_ids_BT=segment_ids_BT, positions_BT=positions_BT)
     logits_BCV = model.logits(jnp.take_along_axis(x_BTD, pos_BC[..., None], axis=1))
