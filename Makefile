@@ -16,8 +16,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 
 venv: $(VENV)/.installed
 
-# Evaluate SmolLM2 (nf4) on the dev sets, fine-tune MoKA on CPU, evaluate again (~11 min, +2 for
-# the environment the first time).
+# Score SmolLM2 (nf4) on held-out GSM8K solutions, fine-tune MoKA on CPU, score again with a
+# paired bootstrap interval (demo.py is sized for <= 240 s on a quiet 2-core CPU; the
+# environment takes about 2 min more the first time).
 demo: $(VENV)/.installed
 	$(BIN)/python demo.py
 

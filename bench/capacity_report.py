@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 import capacity_plan as cap
+from moka_jax.support.bootstrap import paired_ratio_interval, ratio_interval
 
 BEGIN, END = "<!-- capacity:begin -->", "<!-- capacity:end -->"
 E1_MEASURES = ("recall", "value_nll", "bits_stored", "bits_per_param")
@@ -68,33 +69,14 @@ def _item_stat(rec: dict, exp: str, split: str = "heldout"):
 def paired_interval(a_recs, b_recs, exp: str, rng, split: str = "heldout"):
     """[estimate, low, high] of measure(a) - measure(b): items resampled within each seed
     (the same items for both methods), seeds averaged; 95% percentile bootstrap."""
-    pairs = list(zip(a_recs, b_recs))
-    stats = [(_item_stat(a, exp, split), _item_stat(b, exp, split)) for a, b in pairs]
-
-    def diff(idx_list):
-        d = []
-        for ((na, wa), (nb, wb)), idx in zip(stats, idx_list):
-            d.append(na[idx].sum() / wa[idx].sum() - nb[idx].sum() / wb[idx].sum())
-        return float(np.mean(d))
-
-    est = diff([np.arange(len(s[0][0])) for s in stats])
-    boots = [diff([rng.integers(0, len(s[0][0]), len(s[0][0])) for s in stats])
-             for _ in range(BOOT)]
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return [est, float(lo), float(hi)]
+    pairs = [(_item_stat(a, exp, split), _item_stat(b, exp, split))
+             for a, b in zip(a_recs, b_recs)]
+    return paired_ratio_interval(pairs, n_boot=BOOT, rng=rng)
 
 
 def single_interval(recs, exp: str, rng):
     """[estimate, low, high] of one cell's measure (items resampled, seeds averaged)."""
-    stats = [_item_stat(r, exp) for r in recs]
-
-    def val(idx_list):
-        return float(np.mean([n[i].sum() / w[i].sum() for (n, w), i in zip(stats, idx_list)]))
-
-    est = val([np.arange(len(n)) for n, _ in stats])
-    boots = [val([rng.integers(0, len(n), len(n)) for n, _ in stats]) for _ in range(BOOT)]
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return [est, float(lo), float(hi)]
+    return ratio_interval([_item_stat(r, exp) for r in recs], n_boot=BOOT, rng=rng)
 
 
 def intervals(p: dict, recs_by_exp: dict) -> dict:

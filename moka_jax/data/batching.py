@@ -297,6 +297,16 @@ class BatchIterator:
         self.epoch, self.position = epoch, position
 
 
+def packed_plan(data: TokenizedData, batch_size: int, row_len: int) -> tuple[list, int]:
+    """(batches of rows of example indices, label-slot capacity) for one pass over `data` in
+    file order, first fit into rows of `row_len`: the plan eval_batches(packing=True) collates,
+    for callers that map scored slots back to examples."""
+    n_lab = data.label_counts
+    plan = pack_rows(range(len(data)), data.lengths, row_len, batch_size)
+    capacity = round_capacity(max(int(n_lab[r].sum()) for rows in plan for r in rows if r))
+    return plan, capacity
+
+
 def eval_batches(data: TokenizedData, batch_size: int, buckets, pad_id: int = 0, *,
                  packing: bool = False):
     """Every example once, in file order; shapes stay (batch_size, T), the last batch filled
@@ -305,9 +315,8 @@ def eval_batches(data: TokenizedData, batch_size: int, buckets, pad_id: int = 0,
     costs the rows its tokens fill rather than one row an example; segment ids keep every
     example's loss its own. Label slots hold the busiest row's labels: one shape per T."""
     if packing:
-        T, n_lab = int(buckets[-1]), data.label_counts
-        plan = pack_rows(range(len(data)), data.lengths, T, batch_size)
-        capacity = round_capacity(max(int(n_lab[r].sum()) for rows in plan for r in rows if r))
+        T = int(buckets[-1])
+        plan, capacity = packed_plan(data, batch_size, T)
         for rows in plan:
             yield with_label_slots(collate_rows(data, rows, T, pad_id), capacity)
         return
@@ -321,5 +330,5 @@ def eval_batches(data: TokenizedData, batch_size: int, buckets, pad_id: int = 0,
             yield with_label_slots(collate_rows(data, rows, int(buckets[b]), pad_id), capacity)
 
 __all__ = ["BatchIterator", "bucket_index", "collate", "collate_rows", "eval_batches",
-           "label_slots", "labelled_per_row", "next_token_targets", "pack_rows",
+           "label_slots", "labelled_per_row", "next_token_targets", "pack_rows", "packed_plan",
            "round_capacity", "with_label_slots"]

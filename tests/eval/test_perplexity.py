@@ -65,3 +65,24 @@ def test_response_scores_per_example_and_greedy_flag_matches_greedy_decoding():
         want = -sum(lp[t - 1, labels[k][t]] for t in range(1, len(ids[k]))
                     if labels[k][t] != IGNORE)
         np.testing.assert_allclose(got["nll"][k], want, rtol=1e-5)
+
+
+def test_packed_scores_equal_one_example_a_row():
+    """Packed rows (several examples a row, head on labelled positions only) give each example
+    the NLL, token count and greedy flag of the unpacked full-logits scorer."""
+    from moka_jax.data import TokenizedData
+    from moka_jax.data.batching import packed_plan
+    from moka_jax.eval.perplexity import packed_response_scores, response_scores
+
+    tok, model = byte_tokenizer(), tiny_model()
+    recs = [{**r, "input": r.get("input", "")} for r in RECORDS] * 3
+    recs[4] = {"instruction": "Echo", "input": "", "output": "ab"}
+    ids, labels = tokenize(recs, tok)
+    data = TokenizedData(ids, labels, np.zeros(len(ids), np.int64), ["x"])
+    want = response_scores(model, ids, labels, batch_size=4)
+    got = packed_response_scores(model, data, row_len=512, rows=2)
+    plan, _ = packed_plan(data, 2, 512)
+    assert max(len(row) for rows in plan for row in rows) >= 2   # rows do hold several
+    np.testing.assert_array_equal(got["tokens"], want["tokens"])
+    np.testing.assert_allclose(got["nll"], want["nll"], rtol=1e-5)
+    np.testing.assert_array_equal(got["greedy"], want["greedy"])
