@@ -135,15 +135,22 @@ def lora_params(model, targets, r: int = 16) -> int:
                for path, layer in linear_paths(model) if match(path))
 
 
-def compilations(summary) -> dict:
-    """How many times each jitted function compiled in this process: the train step (once per
-    run when packed), the held-out scorer and the decoding steps (once each, reused after
-    training: fixed padded shapes and an adapter state of unchanged shapes)."""
+def compile_counts() -> dict:
+    """The process's compile counters of the held-out scorer and the decoding steps."""
     from moka_jax.eval.generate import _forward_select
     from moka_jax.eval.perplexity import TRACES
 
-    return {"train_step": summary.get("compilations"), "eval": TRACES["packed_scores"],
-            "generate": _forward_select._cache_size()}
+    return {"eval": TRACES["packed_scores"], "generate": _forward_select._cache_size()}
+
+
+def compilations(summary, start: dict) -> dict:
+    """How many times each jitted function compiled during this run (counters since `start`,
+    so an earlier run in the same process is not counted): the train step (once per run when
+    packed), the held-out scorer and the decoding steps (once each, reused after training:
+    fixed padded shapes and an adapter state of unchanged shapes)."""
+    now = compile_counts()
+    return {"train_step": summary.get("compilations"),
+            **{k: now[k] - start[k] for k in now}}
 
 
 def heldout_summary(before: dict, after: dict) -> dict:
@@ -217,6 +224,7 @@ def main(argv=None) -> dict:
     from moka_jax.io.adapter_io import load_values
 
     cfg = validate(mj.load_config(args.config, args.set), num_devices=jax.device_count())
+    compiled_before = compile_counts()
     tasks = load_tasks(args.data_dir, args.tasks, args.limit) if args.commonsense else None
 
     print(f"[demo 1/4] base model: {cfg.model.path} ({cfg.model.quant} base)", flush=True)
@@ -266,7 +274,7 @@ def main(argv=None) -> dict:
                     "before": gen_before, "after": gen_after},
         "steps_run": len(losses), "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
-        "compilations": compilations(summary),
+        "compilations": compilations(summary, compiled_before),
         "loss_png": summary.get("loss_png"), "gates_png": summary.get("gates_png"),
         "adapter_dir": summary["adapter_dir"],
         "seconds": clock.phases, "seconds_total": total["wall"], "cpu_seconds_total": total["cpu"],

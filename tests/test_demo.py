@@ -75,7 +75,9 @@ def test_results_carry_the_interval_example_params_plots_and_time(run):
     assert Path(res["loss_png"]).is_file() and Path(res["gates_png"]).is_file()
     assert res["seconds_total"] > 0 and res["steps_run"] == 3
     # one compile each: the packed scorer, and prefill + decode, all reused after training
-    assert res["compilations"] == {"train_step": 1, "eval": 1, "generate": 2}
+    # (fewer when an earlier test in this process compiled the same shapes)
+    c = res["compilations"]
+    assert c["train_step"] == 1 and 0 <= c["eval"] <= 1 and 0 <= c["generate"] <= 2
     run_dir = Path(res["adapter_dir"]).parent
     assert json.loads((run_dir / "demo_results.json").read_text())["heldout_gain_ci95"] == [lo, hi]
     assert "held-out NLL / token" in (run_dir / "demo_results.md").read_text()

@@ -254,9 +254,14 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
 
 # ---- input checks (Python, on shapes and concrete values: nothing runs under tracing) -----
 
-def is_concrete(x) -> bool:
-    """A value Python can read now (not a jit / grad tracer)."""
-    return not isinstance(x, jax.core.Tracer)
+def concrete(x) -> np.ndarray | None:
+    """x as a numpy array if Python can read it now; None under jit / grad tracing (asking
+    the array itself: an isinstance test on jax.core.Tracer missed the tracer of a value
+    computed inside a jitted value_and_grad)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
 
 
 def check_token_ids(ids, vocab_size: int, where: str = "model") -> None:
@@ -266,9 +271,9 @@ def check_token_ids(ids, vocab_size: int, where: str = "model") -> None:
     dtype = ids.dtype if hasattr(ids, "dtype") else np.asarray(ids).dtype
     if not jnp.issubdtype(dtype, jnp.integer):
         raise TypeError(f"{where}: token ids must be integers, got dtype {dtype}")
-    if not is_concrete(ids):
+    ids = concrete(ids)
+    if ids is None:
         return
-    ids = np.asarray(ids)
     bad = (ids < 0) | (ids >= vocab_size)
     if bad.any():
         at = tuple(int(i) for i in np.argwhere(bad)[0])
@@ -485,8 +490,8 @@ class Llama(nnx.Module):
             masks = {w: attention_mask(key_valid_BS, q_slot_T, k_slot_S, w) for w in set(windows)}
         if attention_mask_BT is None and cache is None and segment_ids_BT is None:
             check_positions(t, self.config)  # static: positions 0 .. t-1
-        elif is_concrete(positions_BT) and positions_BT.size:  # eager calls; padding not counted
-            check_positions(int(np.max(positions_BT)) + 1, self.config)
+        elif (pos := concrete(positions_BT)) is not None and pos.size:  # eager; padding not counted
+            check_positions(int(pos.max()) + 1, self.config)
         cos_BTH, sin_BTH = rope_cos_sin(positions_BT, rope_inv_freq(self.config))
 
         run = _run_block_remat if self.remat else _run_block
