@@ -143,15 +143,6 @@ def budget_shapes(m: int, n: int, rank: int):
     return plan_moka_shapes(m, n, rank, budget=rank * (m + n))
 
 
-def _erank_from_singular_values(s) -> float:
-    s = np.asarray(s, np.float64)
-    s = s[s > 0]
-    if s.size == 0:
-        return 0.0
-    p = s / s.sum()
-    return float(np.exp(-np.sum(p * np.log(p))))
-
-
 def fit_matrix(w, ranks, *, steps: int, lr: float, by_shape: bool = False) -> dict:
     """{param: {rank: (rel_error, eff_rank, params)}} for one matrix (+ "kron1_by_shape")."""
     from moka_jax.adapters import fit as kron_fit
@@ -164,7 +155,7 @@ def fit_matrix(w, ranks, *, steps: int, lr: float, by_shape: bool = False) -> di
     out: dict = {p: {} for p in PARAMETERISATIONS}
     for r in ranks:  # the truncated SVD's error and spectrum are the leading singular values
         out["lora"][r] = (float(np.sqrt(np.sum(s[r:] ** 2))) / norm,
-                          _erank_from_singular_values(s[:r]), r * (m + n))
+                          kron_fit.spectrum_effective_rank(s[:r]), r * (m + n))
     plans = {r: budget_shapes(m, n, r) for r in ranks}
     longest = max(plans.values(), key=len)
     # The planner's shapes for a smaller budget are a prefix of a larger one's, so one greedy
@@ -202,6 +193,8 @@ def evaluate(targets: dict, ranks, *, steps: int, lr: float, by_shape: bool = Fa
              label: str = "") -> dict:
     """{param: {str(rank): {"rel_error", "eff_rank", "params", "by_weight"}}} over all matrices
     of all weights; params = the whole model's (sum over layers and weights)."""
+    from moka_jax.adapters import fit as kron_fit
+
     fits = {}
     for name, mats in targets.items():
         t0 = time.time()
@@ -228,7 +221,7 @@ def evaluate(targets: dict, ranks, *, steps: int, lr: float, by_shape: bool = Fa
                         "params_per_layer": fs[0]["kron1_by_shape"][sh][1]}
                    for sh in fs[0]["kron1_by_shape"]}
             for name, fs in fits.items()}
-    out["target"] = {name: {"eff_rank": _mean_sd([_erank_from_singular_values(
+    out["target"] = {name: {"eff_rank": _mean_sd([kron_fit.spectrum_effective_rank(
         np.linalg.svd(w, compute_uv=False)) for w in mats])} for name, mats in targets.items()}
     return out
 

@@ -50,7 +50,7 @@ FULL_SVD_BELOW = 64
 
 __all__ = ["effective_rank", "greedy_kron_start", "kron_rearrange", "kron_svd_fit",
            "kron_svd_fit_sum", "kron_unrearrange", "load_into", "lora_svd_fit", "moka_delta",
-           "moka_from_delta"]
+           "moka_from_delta", "spectrum_effective_rank"]
 
 
 # ---- the rearrangement ----------------------------------------------------------------------
@@ -193,7 +193,12 @@ def effective_rank(w) -> float:
     """exp(H(p)), p_i = sigma_i / sum_j sigma_j, H the Shannon entropy (nats): the effective
     rank of Roy & Vetterli (2007). n for an n x n multiple of the identity (any matrix with n
     equal non-zero singular values), 1 for rank 1, 0 for the zero matrix."""
-    s = np.linalg.svd(np.asarray(w, np.float64), compute_uv=False)
+    return spectrum_effective_rank(np.linalg.svd(np.asarray(w, np.float64), compute_uv=False))
+
+
+def spectrum_effective_rank(s) -> float:
+    """effective_rank from the singular values s (when they are already known)."""
+    s = np.asarray(s, np.float64)
     total = s.sum()
     if total <= 0:
         return 0.0
