@@ -35,8 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from capacity_plan import (CONFIGS, REPO, Unit, adapter_section, all_units,  # noqa: E402
-                           budget_params, e3_path, e3_target, load_protocol, read_result, status,
-                           write_json)
+                           budget_params, e3_path, e3_target, load_protocol, main_set,
+                           read_result, status, unit_done, write_json)
 import capacity_report  # noqa: E402
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
@@ -63,6 +63,7 @@ def parse_args(argv=None):
     ap.add_argument("--in-process", action="store_true",
                     help="train and evaluate in this process (tests; SmolLM2 wants a process each)")
     ap.add_argument("--unit", default=None, help=argparse.SUPPRESS)  # worker: unit directory
+    ap.add_argument("--full", action="store_true", help=argparse.SUPPRESS)  # worker: all measures
     return ap.parse_args(argv)
 
 
@@ -164,10 +165,14 @@ def unit_config(p: dict, out: Path, u: Unit) -> tuple[str, int]:
     return yaml.safe_dump(cfg, sort_keys=False), n_params
 
 
-def run_unit(p: dict, out: Path, u: Unit) -> dict:
-    """Train (own process; resumes) then evaluate (own process); returns result.json."""
+def run_unit(p: dict, out: Path, u: Unit, full: bool = True) -> dict:
+    """Train (own process; resumes) then evaluate (own process); returns result.json. An E2
+    search trial is measured on its validation split only unless `full`; a record measured
+    so is completed (evaluation only) when a later call asks for `full`."""
     rec = read_result(out, u)
     if rec is not None:
+        if full and not measured_all(rec):
+            return complete_unit(out, u, rec)
         return rec
     d = out / u.rel
     d.mkdir(parents=True, exist_ok=True)
@@ -186,25 +191,47 @@ def run_unit(p: dict, out: Path, u: Unit) -> dict:
         subprocess.run([sys.executable, str(REPO / "train.py"), *train_args], cwd=REPO,
                        check=True)
     t_train = time.time() - t0
-    if IN_PROCESS:
-        evaluate_unit(p, out, u.rel)
-    else:
-        subprocess.run([sys.executable, __file__, "--protocol", PROTOCOL_PATH, "--out", str(out),
-                        "--unit", u.rel, *sum((["--set", s] for s in SETS), []),
-                        *sum((["--train-set", s] for s in TRAIN_SETS), [])],
-                       cwd=REPO, check=True)
+    _evaluate(out, u, full=full or u.exp != "e2" or u.phase != "search")
     rec = json.loads((d / "eval.json").read_text())
     rec.update(unit=u.__dict__, train_seconds=t_train, seconds=time.time() - t0)
     write_json(d / "result.json", rec)
     return rec
 
 
-def evaluate_unit(p: dict, out: Path, rel: str) -> None:
-    """Worker: load the trained adapter and measure the unit's experiment."""
+def measured_all(rec: dict) -> bool:
+    return rec.get("measured", "all") == "all"
+
+
+def complete_unit(out: Path, u: Unit, rec: dict) -> dict:
+    """Every measure of a unit first measured on its validation split only (a search trial
+    that won): evaluation only, its training record and time kept."""
+    t0 = time.time()
+    _evaluate(out, u, full=True)
+    new = json.loads((out / u.rel / "eval.json").read_text())
+    new.update(unit=u.__dict__, train_seconds=rec["train_seconds"],
+               seconds=rec["seconds"] + time.time() - t0)
+    write_json(out / u.rel / "result.json", new)
+    return new
+
+
+def _evaluate(out: Path, u: Unit, full: bool) -> None:
+    """Run the evaluating worker on a trained unit (its own process unless --in-process)."""
+    if IN_PROCESS:
+        evaluate_unit(load_protocol(PROTOCOL_PATH, SETS), out, u.rel, full)
+        return
+    subprocess.run([sys.executable, __file__, "--protocol", PROTOCOL_PATH, "--out", str(out),
+                    "--unit", u.rel, *(["--full"] if full else []),
+                    *sum((["--set", s] for s in SETS), []),
+                    *sum((["--train-set", s] for s in TRAIN_SETS), [])],
+                   cwd=REPO, check=True)
+
+
+def evaluate_unit(p: dict, out: Path, rel: str, full: bool = True) -> None:
+    """Worker: load the trained adapter and measure the unit's experiment (E2: every measure
+    when `full`, else the validation split only)."""
     import jax.numpy as jnp
 
     import moka_jax as mj
-    from moka_jax.eval import response_scores
 
     d = out / rel
     info = json.loads((d / "unit.json").read_text())
@@ -226,9 +253,9 @@ def evaluate_unit(p: dict, out: Path, rel: str) -> None:
                for a in g.values() if len(a) > 1]
         rec["gate_entropy"] = float(np.mean(ent)) if ent else None
     if u.exp == "e1":
-        rec.update(_e1_measures(p, out, u, model, tok, response_scores))
+        rec.update(_e1_measures(p, out, u, model, tok))
     else:
-        rec.update(_e2_measures(p, out, model, tok, response_scores))
+        rec.update(_e2_measures(p, out, model, tok, full))
     write_json(d / "eval.json", rec)
 
 
@@ -248,18 +275,31 @@ def _cutoff(p: dict, exp: str) -> int:
     return int(_train_set("data.cutoff_len", cfg["data"]["cutoff_len"]))
 
 
-def _scores(model, tok, records, template, cutoff, response_scores):
-    from moka_jax.data import pad_id, tokenize
+def _scores(model, tok, records, template, cutoff, row_len):
+    """Per-record response scores, the records packed into rows as training packs them
+    (packed_response_scores: the head on labelled positions only, one compile per process)."""
+    from moka_jax.data import TokenizedData, pad_id, tokenize
+    from moka_jax.eval.perplexity import packed_response_scores
 
     ids, labels = tokenize(records, tok, template=template, cutoff_len=cutoff)
-    return response_scores(model, ids, labels, pad=pad_id(tok), batch_size=16,
-                           multiple=16 if template == "plain" else 64)
+    data = TokenizedData(ids, labels, np.zeros(len(ids), np.int64), ["capacity"])
+    return packed_response_scores(model, data, row_len=row_len, rows=4, pad=pad_id(tok))
 
 
-def _e1_measures(p, out, u, model, tok, response_scores) -> dict:
+def _row_len(p: dict, exp: str) -> int:
+    """The experiment's packed row length: its config's largest bucket (or a --train-set's),
+    the rows training packed."""
+    import yaml
+
+    cfg = yaml.safe_load((Path(PROTOCOL_PATH).parent / p[exp]["config"]).read_text())
+    given = _train_set("data.buckets")
+    return int((yaml.safe_load(given) if given else cfg["data"]["buckets"])[-1])
+
+
+def _e1_measures(p, out, u, model, tok) -> dict:
     e = p["e1"]
     pairs = json.loads(e1_data_file(p, out, u.seed).read_text())
-    s = _scores(model, tok, pairs, "plain", _cutoff(p, "e1"), response_scores)
+    s = _scores(model, tok, pairs, "plain", _cutoff(p, "e1"), _row_len(p, "e1"))
     nll_bits = s["nll"] / math.log(2)
     h0 = e["value_len"] * math.log2(len(ALPHABET))  # a value's entropy: what there is to store
     stored = np.clip(h0 - nll_bits, 0.0, h0)
@@ -271,18 +311,20 @@ def _e1_measures(p, out, u, model, tok, response_scores) -> dict:
                       "tokens": s["tokens"].tolist()}}
 
 
-def _e2_measures(p, out, model, tok, response_scores) -> dict:
-    """Response NLL of every split (per item too) and zero-shot accuracy. Every trained unit
-    gets them all: a search trial at the winning lr is also that method's seed-0 main run."""
+def _e2_measures(p, out, model, tok, full: bool = True) -> dict:
+    """Response NLL of every split (per item too) and zero-shot accuracy. A search trial is
+    first measured on the validation split only (all its choice needs); the trial that wins is
+    also that method's seed-0 main run, and the driver then completes its measures (full)."""
     names = e2_splits(p, out)
-    rec = {"items": {}}
-    for name in ("val", "heldout", "general"):
+    rec = {"items": {}, "measured": "all" if full else "val"}
+    for name in ("val", "heldout", "general") if full else ("val",):
         records = json.loads(names[name].read_text())
-        s = _scores(model, tok, records, "alpaca", _cutoff(p, "e2"), response_scores)
+        s = _scores(model, tok, records, "alpaca", _cutoff(p, "e2"), _row_len(p, "e2"))
         rec[f"{name}_nll"] = float(s["nll"].sum() / s["tokens"].sum())
         rec["items"][name] = {"nll": [round(float(x), 5) for x in s["nll"]],
                               "tokens": s["tokens"].tolist()}
-    rec.update(_zeroshot(p, model, tok))
+    if full:
+        rec.update(_zeroshot(p, model, tok))
     rec["select"] = rec["val_nll"]
     return rec
 
@@ -321,11 +363,10 @@ def evaluate_base(p: dict, out: Path) -> None:
     import jax.numpy as jnp
 
     import moka_jax as mj
-    from moka_jax.eval import response_scores
 
     model, tok = mj.load(_train_set("model.path", "smollm2"), quant="nf4", dtype=jnp.float32,
                          tokenizer=_train_set("model.tokenizer"))
-    rec = _e2_measures(p, out, model, tok, response_scores)
+    rec = _e2_measures(p, out, model, tok)
     write_json(out / "e2" / "base" / "result.json", rec)
 
 
@@ -360,17 +401,18 @@ def run_e3(p: dict, out: Path) -> None:
 
 def run_all(p: dict, out: Path, exps) -> None:
     while True:
+        mains = main_set(p, out, exps)
         pending = [u for u in all_units(p, out, [e for e in exps if e != "e3"])
-                   if isinstance(u, Unit) and read_result(out, u) is None]
+                   if isinstance(u, Unit) and not unit_done(out, u, u in mains)]
         if not pending:
             if "e3" in exps:
                 run_e3(p, out)
             return
         u = pending[0]
         print(f"[capacity] {u.rel} ({len(pending)} runnable units left)", flush=True)
-        if u.exp == "e2" and u.phase != "search":
+        if u.exp == "e2" and u in mains:
             base_e2(p, out)
-        rec = run_unit(p, out, u)
+        rec = run_unit(p, out, u, full=u in mains)
         print(f"[capacity] {u.rel}: select {rec['select']:.4f}, "
               f"{rec['seconds'] / 60:.1f} min", flush=True)
 
@@ -403,7 +445,7 @@ def main(argv=None) -> int:
         if args.unit == "e2/base":
             evaluate_base(p, out)
         else:
-            evaluate_unit(p, out, args.unit)
+            evaluate_unit(p, out, args.unit, args.full)
         return 0
     exps = args.only or p["experiments"]
     if args.status:

@@ -180,6 +180,18 @@ def main_units(p: dict, out: Path, exp: str) -> list[Unit | tuple]:
     return units
 
 
+def main_set(p: dict, out: Path, exps) -> set:
+    """The units whose every measure the report reads (main units, search winners included)."""
+    return {u for e in exps if e != "e3" for u in main_units(p, out, e) if isinstance(u, Unit)}
+
+
+def unit_done(out: Path, u: Unit, main: bool) -> bool:
+    """Trained and measured as far as it is needed: a main unit (a search winner too) needs
+    every measure, a search trial its validation measure."""
+    rec = read_result(out, u)
+    return rec is not None and (not main or rec.get("measured", "all") == "all")
+
+
 def read_result(out: Path, u: Unit) -> dict | None:
     path = out / u.rel / "result.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -226,9 +238,10 @@ def status(p: dict, out: Path, exps) -> dict:
             secs.append(json.loads(e3_path(out).read_text())["wall_s"])
         else:
             left.append("e3/fits")
+    mains = main_set(p, out, exps)
     for u in all_units(p, out, [e for e in exps if e != "e3"]):
         rec = read_result(out, u) if isinstance(u, Unit) else None
-        if rec is None:
+        if rec is None or not unit_done(out, u, u in mains):
             left.append(u.rel if isinstance(u, Unit) else "/".join(map(str, u)) + " (lr not chosen)")
         else:
             done.append(u.rel)

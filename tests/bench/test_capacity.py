@@ -98,6 +98,16 @@ def test_driver_end_to_end_on_the_tiny_model(tmp_path):
     # target (LoRA r8 on E2's data) and the fits
     assert st["left"] == 0 and st["done"] == 2 * (4 + 5 - 2) + 2
     assert (out / "e2" / "e3-target" / "lora-r8").is_dir()
+    # an E2 search trial that lost was measured on validation only; the winner, which is
+    # also the seed-0 main run, on everything
+    proto_p = plan.load_protocol(proto)
+    for m in ("lora", "moka"):
+        won, _ = plan.chosen_lr(proto_p, out, "e2", m)
+        for u in plan.search_units(proto_p, "e2"):
+            if u.method == m:
+                rec = plan.read_result(out, u)
+                assert rec["measured"] == ("all" if u.lr == won else "val")
+                assert ("heldout_nll" in rec) == ("zeroshot_acc" in rec) == (u.lr == won)
     for fit in ("lora", "kron_greedy", "moka"):
         errs = final["e3"][fit]
         assert set(errs) == {"1", "4"} and all(0.0 <= e[0] <= 1.0 for e in errs.values())
