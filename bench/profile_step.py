@@ -52,7 +52,7 @@ def jax_parts(variant: str, layers: int, B: int, T: int, repeats: int) -> dict:
     from moka_jax.adapters import LoRAConfig, MoKAConfig
     from moka_jax.models.llama import Llama, attend, attention_mask
     from moka_jax.training.step import TrainStep, one_example_rows, split_model, token_loss_sums
-    from timing import median_seconds as median_time
+    from timing import median_seconds, xla_flops
     from moka_jax.models import presets
 
     nf4 = variant == "moka_nf4"
@@ -63,12 +63,21 @@ def jax_parts(variant: str, layers: int, B: int, T: int, repeats: int) -> dict:
     rng = np.random.default_rng(0)
     D, H, N, K = c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
     x_BTD = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
-    parts = {}
+    parts, flops = {}, {}
+
+    def median_time(fn, args, repeats, part=None, scale=1):
+        """Seconds of one call (x scale: per-layer parts run `layers` times a step); XLA's
+        flop count of the call, x scale, added to flops[part]."""
+        if part is not None:
+            f = xla_flops(fn, args)
+            flops[part] = None if f is None or flops.get(part, 0.0) is None else \
+                flops.get(part, 0.0) + scale * f
+        return scale * median_seconds(fn, args, repeats)
 
     ids = jnp.asarray(rng.integers(0, c.vocab_size, (B, T)), jnp.int32)
     emb = model.embed.embedding.get_value()
     parts["embedding"] = median_time(jax.jit(lambda e, i: jnp.take(e, i, axis=0)), (emb, ids),
-                                     repeats)
+                                     repeats, "embedding")
 
     q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((B, T, K, H)), jnp.float32)
@@ -77,7 +86,8 @@ def jax_parts(variant: str, layers: int, B: int, T: int, repeats: int) -> dict:
     def attn_fb(q, k, v):
         y, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, mask), q, k, v)
         return vjp(y)
-    parts["attention core"] = layers * median_time(jax.jit(attn_fb), (q, k, k), repeats)
+    parts["attention core"] = median_time(jax.jit(attn_fb), (q, k, k), repeats,
+                                          "attention core", layers)
     # The same with jax.nn.dot_product_attention (XLA implementation): an alternative tried.
     mask_B1TS = mask[:, None]
 
@@ -101,16 +111,17 @@ def jax_parts(variant: str, layers: int, B: int, T: int, repeats: int) -> dict:
         def base_fb(x, w, matmul=matmul):
             y, vjp = jax.vjp(lambda x: matmul(x, w), x)
             return vjp(y)
-        base_t += median_time(jax.jit(base_fb), (xin, kern), repeats)
+        base_t += median_time(jax.jit(base_fb), (xin, kern), repeats, "base matmuls", layers)
         if lin.adapter is not None:
             gd, st = nnx.split(lin.adapter)
 
             def ad_fb(x, st, gd=gd):
                 y, vjp = jax.vjp(lambda x, st: nnx.merge(gd, st).delta(x), x, st)
                 return vjp(y)
-            adapter_t += median_time(jax.jit(ad_fb), (xin, st), repeats)
-    parts["base matmuls" + (" (nf4)" if nf4 else " (f32)")] = layers * base_t
-    parts["adapters"] = layers * adapter_t
+            adapter_t += median_time(jax.jit(ad_fb), (xin, st), repeats, "adapters", layers)
+    parts["base matmuls" + (" (nf4)" if nf4 else " (f32)")] = base_t
+    flops["base matmuls" + (" (nf4)" if nf4 else " (f32)")] = flops.pop("base matmuls")
+    parts["adapters"] = adapter_t
 
     tgt = jnp.asarray(rng.integers(0, c.vocab_size, (B, T)), jnp.int32)
 
@@ -119,17 +130,18 @@ def jax_parts(variant: str, layers: int, B: int, T: int, repeats: int) -> dict:
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         return jnp.sum(nll)
     head_fb = jax.jit(jax.grad(head_loss))
-    parts["lm_head + loss, all positions"] = median_time(head_fb, (x_BTD, tgt), repeats)
+    parts["lm_head + loss, all positions"] = median_time(head_fb, (x_BTD, tgt), repeats,
+                                                         "lm_head + loss, all positions")
     C = LABELLED_PER_ROW
     parts["lm_head + loss, labelled only"] = median_time(head_fb, (x_BTD[:, :C], tgt[:, :C]),
-                                                         repeats)
+                                                         repeats, "lm_head + loss, labelled only")
 
     graphdef, params, frozen = split_model(model)
     tx = optax.adamw(2e-4)
     opt = tx.init(params)
     grads = jax.tree.map(jnp.ones_like, params)
     parts["optimizer"] = median_time(jax.jit(lambda g, o, p: tx.update(g, o, p)),
-                                     (grads, opt, params), repeats)
+                                     (grads, opt, params), repeats, "optimizer")
 
     batch = one_example_rows(ids[None], C)
 
@@ -151,7 +163,8 @@ def jax_parts(variant: str, layers: int, B: int, T: int, repeats: int) -> dict:
         whole[name] = median_time(run, (batch,), repeats)
     core = sum(v for key, v in parts.items() if "labelled only" not in key)
     parts["rest (norms, RoPE, SwiGLU, residuals)"] = max(whole["full logits"] - core, 0.0)
-    return {"parts_seconds": parts, "alternatives_seconds": alt, "step_seconds": whole,
+    return {"parts_seconds": parts, "parts_xla_flops": flops, "alternatives_seconds": alt,
+            "step_seconds": whole,
             "trainable_params": nn.count_params(model)}
 
 

@@ -19,3 +19,16 @@ def median_seconds(fn, args, repeats: int, warmups: int = 1) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def xla_flops(jitted, args) -> float | None:
+    """XLA's own count of the floating-point operations of one call of a jitted function (its
+    compiled cost analysis); None where the backend gives none."""
+    try:
+        cost = jitted.lower(*args).compile().cost_analysis()
+    except Exception:  # noqa: BLE001 - a backend without cost analysis: no count
+        return None
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+        cost = cost[0] if cost else {}
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops is not None and flops >= 0 else None

@@ -50,8 +50,8 @@ class ProbedEmbed(nnx.Module):
         return self.inner.attend(x_BTD)
 
 
-def build(variant: str, layers: int, dtype=jnp.float32):
-    model = Llama(presets.smollm2(layers), dtype=dtype, quant="nf4", rngs=nnx.Rngs(0))
+def build(variant: str, layers: int, dtype=jnp.float32, config=None):
+    model = Llama(config or presets.smollm2(layers), dtype=dtype, quant="nf4", rngs=nnx.Rngs(0))
     if variant == "frozen":
         model.embed = ProbedEmbed(model.embed, model.config.hidden_size)
     elif variant == "lora_r16":

@@ -26,7 +26,39 @@ def cpu_info() -> dict:
     return {"cpu_model": model.group(1).strip() if model else (platform.processor()
                                                                   or platform.machine()),
             "vector_extensions": wide, "cpu_count": os.cpu_count(),
-            "machine": platform.machine()}
+            "machine": platform.machine(), **instance_info(text, flags)}
+
+
+def _field(text: str, name: str) -> str | None:
+    m = re.search(rf"^{name}\s*:\s*(.+)$", text, re.M)
+    return m.group(1).strip() if m else None
+
+
+def instance_info(cpuinfo: str, flags: list[str]) -> dict:
+    """What tells two machines of one CPU model apart, where Linux shows it: family / model /
+    stepping / microcode, the clock the kernel reports, cache sizes per level, SMT (vCPUs that
+    share a core), the hypervisor, and a digest of the whole flag list (hosts expose different
+    subsets)."""
+    import hashlib
+
+    caches = {}
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for idx in sorted(base.glob("index*")) if base.exists() else []:
+        try:
+            level, kind = (idx / "level").read_text().strip(), (idx / "type").read_text().strip()
+            caches[f"L{level}{'' if kind == 'Unified' else kind[0].lower()}"] = \
+                (idx / "size").read_text().strip()
+        except OSError:
+            continue
+    mhz = [float(x) for x in re.findall(r"^cpu MHz\s*:\s*([\d.]+)$", cpuinfo, re.M)]
+    sib, cores = _field(cpuinfo, "siblings"), _field(cpuinfo, "cpu cores")
+    return {"cpu_family": _field(cpuinfo, "cpu family"), "cpu_model_id": _field(cpuinfo, "model"),
+            "stepping": _field(cpuinfo, "stepping"), "microcode": _field(cpuinfo, "microcode"),
+            "cpu_mhz": round(sum(mhz) / len(mhz), 1) if mhz else None,
+            "bogomips": _field(cpuinfo, "bogomips"), "caches": caches,
+            "smt": (int(sib) > int(cores)) if sib and cores else None,
+            "hypervisor": "hypervisor" in flags,
+            "flags_sha1": hashlib.sha1(" ".join(flags).encode()).hexdigest()[:12] if flags else None}
 
 
 def describe() -> dict:
@@ -63,4 +95,4 @@ def one_line() -> str:
             f"({k['device_kind']}); Python {platform.python_version()}")
 
 
-__all__ = ["cpu_info", "describe", "jax_kernels", "one_line", "torch_kernels"]
+__all__ = ["cpu_info", "describe", "instance_info", "jax_kernels", "one_line", "torch_kernels"]
