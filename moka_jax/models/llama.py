@@ -252,6 +252,26 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
     return o_BTKGH.reshape(b, t, n * h).astype(q_BTNH.dtype)
 
 
+ATTENTION_BLOCK = 64  # query rows per block of causal_attend
+
+
+def causal_attend(q_BTNH, k_BTKH, v_BTKH, mask_BTT, block: int | None = None):
+    """attend over one set of slots with a causal mask (no KV cache: training, scoring,
+    prefill). Query block i reads the keys of blocks 0..i only, so the blocks above the
+    diagonal, masked whole, are never computed: at T = 256 and blocks of 64, 6 of 16 score
+    tiles, forward and backward. Equal to attend for every query with a valid key; a query
+    with none (left padding, whose output is never used) averages fewer keys."""
+    t, block = q_BTNH.shape[1], block or ATTENTION_BLOCK  # read at trace time (benches vary it)
+    if t <= block:
+        return attend(q_BTNH, k_BTKH, v_BTKH, mask_BTT)
+    outs = []
+    for lo in range(0, t, block):
+        hi = min(lo + block, t)
+        outs.append(attend(q_BTNH[:, lo:hi], k_BTKH[:, :hi], v_BTKH[:, :hi],
+                           mask_BTT[:, lo:hi, :hi]))
+    return jnp.concatenate(outs, axis=1)
+
+
 # ---- input checks (Python, on shapes and concrete values: nothing runs under tracing) -----
 
 def concrete(x) -> np.ndarray | None:
@@ -376,7 +396,9 @@ class Attention(nnx.Module):
         v_BTKH = self.v_proj(x_BTD).reshape(b, t, self.k, self.h)
         if kv is not None:
             k_BTKH, v_BTKH = write_slots(kv[0], k_BTKH, index), write_slots(kv[1], v_BTKH, index)
-        out_BTD = self.o_proj(attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS))
+            out_BTD = self.o_proj(attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS))
+        else:  # queries and keys are the same slots and the mask is causal by slot
+            out_BTD = self.o_proj(causal_attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS))
         return out_BTD, (k_BTKH, v_BTKH)
 
 

@@ -142,6 +142,32 @@ def test_sliding_window_mask_keeps_the_window_only():
     np.testing.assert_array_equal(full, (k <= q) & (k > 0))
 
 
+@pytest.mark.parametrize("window", [None, 7])
+def test_causal_attend_equals_full_attention_on_every_valid_query(window):
+    """Blocked causal attention skips the tiles above the diagonal: the same outputs as the
+    full attention for every query with a valid key, on packed rows (segments, padding) and
+    on left-padded rows, T = 150 (blocks of 64 and an uneven last one), GQA 6 / 2 heads."""
+    from moka_jax.models.llama import attend, attention_mask, causal_attend, segment_mask
+
+    b, t, n, k, h = 3, 150, 6, 2, 16
+    rng = np.random.default_rng(0)
+    q, kk, v = (jnp.asarray(rng.standard_normal((b, t, m, h)), jnp.float32) for m in (n, k, k))
+    seg = np.zeros((b, t), np.int32)
+    seg[0, :70], seg[0, 70:140] = 1, 2          # two examples across a block edge, padding
+    seg[1, :] = 1                               # one example, the whole row
+    seg[2, :10], seg[2, 10:130] = 1, 2
+    valid = np.ones((b, t), bool)
+    valid[1, :20] = False                       # left padding
+    slot = jnp.arange(t, dtype=jnp.int32)
+    for mask in (segment_mask(jnp.asarray(seg), window),
+                 attention_mask(jnp.asarray(valid), slot, slot, window)):
+        full = np.asarray(attend(q, kk, v, mask))
+        blocked = np.asarray(causal_attend(q, kk, v, mask, block=64))
+        has_key = np.asarray(mask).any(-1)
+        assert has_key.sum() > 0
+        np.testing.assert_allclose(blocked[has_key], full[has_key], rtol=1e-5, atol=1e-6)
+
+
 def test_remat_and_jit_give_the_same_logits(tmp_path):
     hf = tiny_hf_model("smollm2")
     path = save_tiny(hf, tmp_path / "hf")
