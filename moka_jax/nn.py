@@ -11,6 +11,7 @@ from flax import nnx
 
 from moka_jax import quant
 from moka_jax.adapters import MoKAConfig
+from moka_jax.support.hostmem import host_cast, to_device
 from moka_jax.variables import AdapterParam, FrozenWeight
 
 # The paper's placement: q_proj and v_proj in every layer.
@@ -37,7 +38,12 @@ class Linear(nnx.Module):
         if tuple(weight.shape) != (out_features, in_features):
             raise ValueError(f"layer '{name}': weight shape {tuple(weight.shape)} != "
                              f"(out, in) = ({out_features}, {in_features})")
-        if quant == "none":
+        if quant == "none" and isinstance(weight, np.ndarray):
+            # a host weight (a checkpoint's lm_head): cast and transpose in one host copy, then
+            # placed without another (jnp.asarray(w).T would hold 3 more copies at its peak)
+            self.kernel = FrozenWeight(to_device(host_cast(
+                weight, jax.dtypes.canonicalize_dtype(param_dtype or weight.dtype), transpose=True)))
+        elif quant == "none":
             self.kernel = FrozenWeight(jnp.asarray(weight, param_dtype).T)  # (in, out)
         else:
             self.kernel = FrozenWeight(_quantize(

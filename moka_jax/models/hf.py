@@ -22,6 +22,7 @@ from flax import nnx
 
 from moka_jax.support import files as fio
 from moka_jax.support import outputs
+from moka_jax.support.hostmem import aligned_empty, host_cast, to_device
 from moka_jax.support.finite import check_finite
 from moka_jax.models.llama import Llama, LlamaConfig, check_tokenizer_vocab
 from moka_jax.models.source import CONVERTED_MARKER
@@ -110,9 +111,18 @@ def _read_tensor(name: str, e: _Entry) -> np.ndarray:
         raise CheckpointError(f"{e.file}: tensor {name} has dtype {e.dtype}; expected a float "
                               f"dtype ({', '.join(_ST_DTYPES)})")
     dt = np.dtype(_ST_DTYPES[e.dtype])
-    raw = np.fromfile(e.file, dtype=np.uint8, count=e.nbytes, offset=e.offset)
-    if raw.size != e.nbytes:  # the header was checked against the size; the file shrank since
-        raise CheckpointError(e.file, f"tensor {name} is cut short ({raw.size} of {e.nbytes} "
+    # Read into an aligned buffer: jax.device_put then aliases it instead of copying it (hostmem).
+    raw, got = aligned_empty((e.nbytes,), np.uint8), 0
+    with open(e.file, "rb", buffering=0) as fh:
+        fh.seek(e.offset)
+        view = memoryview(raw)
+        while got < e.nbytes:
+            n = fh.readinto(view[got:])
+            if not n:
+                break
+            got += n
+    if got != e.nbytes:  # the header was checked against the size; the file shrank since
+        raise CheckpointError(e.file, f"tensor {name} is cut short ({got} of {e.nbytes} "
                               "bytes): the file is truncated", _REFETCH)
     # checked as it streams: a NaN / inf weight never reaches a model
     return check_finite(raw.view(dt).reshape(e.shape), f"{e.file}: tensor {name}", _REFETCH)
@@ -268,7 +278,7 @@ def _place(tree, prefix: str, sharding):
     def put(kp, leaf):
         keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in kp]
         target = None if sharding is None else sharding("/".join([prefix, *keys]))
-        return jnp.asarray(leaf) if target is None else jax.device_put(leaf, target)
+        return to_device(leaf) if target is None else jax.device_put(leaf, target)
 
     return jax.tree_util.tree_map_with_path(put, tree)
 
@@ -302,7 +312,8 @@ def load_hf(path, quant: str = "nf4", *, dtype=None, block_size: int = 64,
     for s in todo:
         arr = _read_tensor(s.hf_name, entries[s.hf_name])
         if s.kind == "frozen":  # cast on the host, then straight to its device(s)
-            host = arr.astype(jnp.dtype(dtype), copy=False)
+            host = host_cast(arr, jax.dtypes.canonicalize_dtype(dtype))
+            del arr
             node_at(model, s.path).set_value(_place(host, s.path, sharding))
             continue
         bias = biases.get(s.path)
