@@ -2,7 +2,8 @@
 (torch.profiler), on CPU. SmolLM2-135M shapes, batch 8 x 256 (--batch, --seq).
 
 JAX parts, each jitted alone and timed as the train step runs it (forward + the backward the
-step needs, over all layers): embedding gather; attention core (scores, softmax, weighted sum);
+step needs, over all layers): embedding gather; attention core (scores, softmax, weighted sum,
+in causal query blocks; the full score matrix is timed as an alternative);
 base matmuls (nf4: dequantisation inside the matmul; f32 for the LoRA f32 variant), forward
 and dx; adapters (MoKA r=4 or LoRA r=16 on q_proj, v_proj), forward, dx and dparams; lm_head +
 cross-entropy over all B x T positions and over the labelled positions only; the AdamW update.
@@ -50,7 +51,7 @@ def jax_parts(variant: str, layers: int, B: int, T: int, repeats: int) -> dict:
 
     from moka_jax import nn, quant
     from moka_jax.adapters import LoRAConfig, MoKAConfig
-    from moka_jax.models.llama import Llama, attend, attention_mask
+    from moka_jax.models.llama import Llama, attend, attention_mask, causal_attend
     from moka_jax.training.step import TrainStep, one_example_rows, split_model, token_loss_sums
     from timing import median_seconds, xla_flops
     from moka_jax.models import presets
@@ -83,8 +84,8 @@ def jax_parts(variant: str, layers: int, B: int, T: int, repeats: int) -> dict:
     k = jnp.asarray(rng.standard_normal((B, T, K, H)), jnp.float32)
     mask = attention_mask(jnp.ones((B, T), bool), jnp.arange(T), jnp.arange(T))
 
-    def attn_fb(q, k, v):
-        y, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, mask), q, k, v)
+    def attn_fb(q, k, v, fn=causal_attend):
+        y, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, mask), q, k, v)
         return vjp(y)
     parts["attention core"] = median_time(jax.jit(attn_fb), (q, k, k), repeats,
                                           "attention core", layers)
@@ -96,7 +97,10 @@ def jax_parts(variant: str, layers: int, B: int, T: int, repeats: int) -> dict:
             q, k, v, mask=mask_B1TS, implementation="xla"), q, k, v)
         return vjp(y)
     alt = {"attention core, jax.nn.dot_product_attention":
-           layers * median_time(jax.jit(dpa_fb), (q, k, k), repeats)}
+           layers * median_time(jax.jit(dpa_fb), (q, k, k), repeats),
+           "attention core, full score matrix (before query blocks)":
+           layers * median_time(jax.jit(lambda q, k, v: attn_fb(q, k, v, attend)), (q, k, k),
+                                repeats)}
 
     block = model.layers[0]
     lins = [block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.attn.o_proj,

@@ -9,10 +9,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import roofline  # noqa: E402
 
 
-def test_counted_flops_match_xla_cost_analysis_of_the_step():
+def test_counted_flops_match_xla_cost_analysis_of_the_step(monkeypatch):
     # a small LLaMA, 2 x 128: the count leaves out the adapters and elementwise work, which
     # XLA counts (softmax, norms, loss too); both are small beside the matmuls
-    from moka_jax.models import presets
+    from moka_jax.models import llama, presets
+
+    # the count is of the full score matrix; one query block computes exactly that
+    monkeypatch.setattr(llama, "ATTENTION_BLOCK", 128)
 
     c = presets.tiny(hidden=256, intermediate=768, heads=4, kv_heads=2, vocab=2048, layers=2)
     counted = roofline.counted_flops(2, 2, 128, 8, config=c)
