@@ -146,7 +146,13 @@ class Unit:
 def search_units(p: dict, exp: str) -> list[Unit]:
     return [Unit(exp, "search", m, p["search_budget"], 0, float(lr))
             for m, spec in p["methods"].items() if not spec.get("lr_from")
-            for lr in p["lrs"]]
+            for lr in search_lrs(p, exp)]
+
+
+def search_lrs(p: dict, exp: str) -> list[float]:
+    """The experiment's lr grid: its own `lrs` where a winner at the edge widened it, else the
+    protocol's."""
+    return [float(x) for x in p[exp].get("lrs", p["lrs"])]
 
 
 def chosen_lr(p: dict, out: Path, exp: str, method: str) -> tuple[float | None, dict]:
