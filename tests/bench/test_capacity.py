@@ -2,7 +2,6 @@
 the whole driver (search, lr choice, main units, resume, report) on the tiny random model."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -64,7 +63,20 @@ TINY = ["model.path=random", "model.tokenizer=bytes", "model.tiny.layers=2",
         "train.batch_size=2", "train.save_every=1"]
 
 
-def test_driver_end_to_end_on_the_tiny_model(tmp_path):
+def _main(args, capsys) -> tuple[dict, str]:
+    """One driver command in this process (its last stdout line is a JSON object): as
+    subprocesses the four commands below each paid an interpreter's start, and the runs JAX's
+    and the library's imports, on top of what they check."""
+    assert capacity.main(args) == 0
+    out = capsys.readouterr().out
+    return json.loads(out.splitlines()[-1]), out
+
+
+def test_driver_end_to_end_on_the_tiny_model(tmp_path, capsys, monkeypatch):
+    # main() sets the driver's module globals from its arguments; restore them afterwards
+    for name in ("PROTOCOL_PATH", "SETS", "TRAIN_SETS", "IN_PROCESS"):
+        monkeypatch.setattr(capacity, name, getattr(capacity, name))
+    monkeypatch.chdir(REPO)
     p = yaml.safe_load((plan.CONFIGS / "protocol.yaml").read_text())
     # the tiny model's targets: q 64x64, v 32x64 (2 kv heads of 16), 2 layers
     p.update(dims={"q_proj": [64, 64], "v_proj": [32, 64]}, layers=2, lrs=[1e-3, 1e-2],
@@ -84,16 +96,12 @@ def test_driver_end_to_end_on_the_tiny_model(tmp_path):
     for f in ("e1.yaml", "e2.yaml"):
         (tmp_path / f).write_text((plan.CONFIGS / f).read_text())
     out, results = tmp_path / "out", tmp_path / "RESULTS.md"
-    cmd = [sys.executable, str(REPO / "bench" / "capacity.py"), "--protocol", str(proto),
-           "--out", str(out), "--results", str(results), "--in-process"] + sum((["--train-set", s] for s in TINY), [])
-    st = json.loads(subprocess.run(cmd + ["--status"], capture_output=True, text=True,
-                                   check=True).stdout.splitlines()[-1])
+    cmd = ["--protocol", str(proto), "--out", str(out), "--results", str(results),
+           "--in-process"] + sum((["--train-set", s] for s in TINY), [])
+    st, _ = _main(cmd + ["--status"], capsys)
     assert st["done"] == 0 and st["left"] > 0
-    run = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    assert run.returncode == 0, run.stderr[-3000:]
-    final = json.loads(run.stdout.splitlines()[-1])
-    st = json.loads(subprocess.run(cmd + ["--status"], capture_output=True, text=True,
-                                   check=True).stdout.splitlines()[-1])
+    final, _ = _main(cmd, capsys)
+    st, _ = _main(cmd + ["--status"], capsys)
     # per experiment: 4 search trials, then 5 cells less the 2 search winners; E3: its
     # target (LoRA r8 on E2's data) and the fits
     assert st["left"] == 0 and st["done"] == 2 * (4 + 5 - 2) + 2
@@ -127,5 +135,5 @@ def test_driver_end_to_end_on_the_tiny_model(tmp_path):
     assert capacity_report.BEGIN in text and "e1_recall.png" in text
     assert (out / "figures" / "e2_heldout_nll.png").exists()
     # a finished suite runs nothing again
-    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=True)
-    assert "[capacity] e" not in again.stdout
+    _, again = _main(cmd, capsys)
+    assert "[capacity] e" not in again
