@@ -150,6 +150,18 @@ def step_xla_flops(step, args) -> float | None:
     return xla_flops(step._step, args)
 
 
+def cpu_times() -> dict:
+    """The machine's CPU time by kind (/proc/stat, seconds): steal is what the hypervisor gave
+    other guests while this one wanted the CPU."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return {}
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    hz = os.sysconf("SC_CLK_TCK")
+    return {k: int(v) / hz for k, v in zip(names, fields)}
+
+
 def step_measure(layers: int, B: int, T: int, labelled: int, steps: int) -> dict:
     import jax
 
@@ -159,13 +171,17 @@ def step_measure(layers: int, B: int, T: int, labelled: int, steps: int) -> dict
     params, opt, m = step(params, opt, frozen, batch)
     jax.block_until_ready(m["loss"])
     compile_s = time.perf_counter() - t0
-    times = []
+    times, before = [], cpu_times()
     for _ in range(1 + steps):
         t0 = time.perf_counter()
         params, opt, m = step(params, opt, frozen, batch)
         jax.block_until_ready(m["loss"])
         times.append(time.perf_counter() - t0)
-    return {"trainable_params": n, "first_step_seconds": compile_s,
+    after = cpu_times()
+    spent = {k: after[k] - before[k] for k in after}
+    total = sum(spent.values()) or None
+    return {"cpu_share_during_steps": {k: v / total for k, v in spent.items()} if total else None,
+            "trainable_params": n, "first_step_seconds": compile_s,
             "step_seconds": statistics.median(times[1:]), "step_seconds_all": times[1:],
             "xla_flops": xla}
 

@@ -31,3 +31,11 @@ def test_weighted_rate_is_total_flops_over_total_time():
     assert roofline.weighted(rates) == pytest.approx(100.0)
     slow = dict(rates, **{"576x1536": 50.0})
     assert 50.0 < roofline.weighted(slow) < 100.0
+
+
+def test_cpu_times_reads_steal_and_grows():
+    a = roofline.cpu_times()
+    assert {"user", "idle", "steal"} <= set(a) and all(v >= 0 for v in a.values())
+    sum(i * i for i in range(200_000))
+    b = roofline.cpu_times()
+    assert sum(b.values()) >= sum(a.values())
