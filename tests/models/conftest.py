@@ -90,16 +90,6 @@ def hf_logits(model, ids_BT, mask_BT=None, position_ids=None):
         return model(torch.as_tensor(np.asarray(ids_BT), dtype=torch.long), **kw).logits.float().numpy()
 
 
-@pytest.fixture(autouse=True)
-def small_attention_blocks(monkeypatch):
-    """The parity tests here use sequences of 12-40 tokens: query blocks of 5 make every one of
-    them run the blocked causal attention (several blocks and an uneven last one), which at
-    the default 64 only sequences longer than 64 reach."""
-    from moka_jax.models import llama
-
-    monkeypatch.setattr(llama, "ATTENTION_BLOCK", 5)
-
-
 @pytest.fixture(scope="module", params=sorted(TINY))
 def tiny_dir(request, tmp_path_factory):
     """(family name, HF directory, the transformers model) for each tiny config."""

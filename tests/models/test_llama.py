@@ -22,6 +22,17 @@ REL_TOL = 1e-5  # max |ours - transformers| / max |transformers| (measured 0.8e-
 GREEDY = ("mistral", "qwen2-window", "qwen3")
 
 
+@pytest.fixture(autouse=True)
+def small_attention_blocks(monkeypatch):
+    """These parity tests use sequences of 12-40 tokens: query blocks of 5 make every one of
+    them run the blocked causal attention (several blocks and an uneven last one), which at
+    the default 64 only sequences longer than 64 reach. (Here only: the real-model tests
+    would compile hundreds of blocks.)"""
+    from moka_jax.models import llama
+
+    monkeypatch.setattr(llama, "ATTENTION_BLOCK", 5)
+
+
 @nnx.jit
 def forward(model, ids_BT, mask_BT=None):
     # One compile per shape instead of op-by-op dispatch: keeps the suite fast on CPU.
