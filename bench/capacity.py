@@ -142,7 +142,7 @@ def unit_config(p: dict, out: Path, u: Unit) -> tuple[str, int]:
 
         tok = load_tokenizer(_train_set("model.tokenizer") or "smollm2")
         ids, _ = tokenize(json.loads(data.read_text()), tok, template="plain",
-                          cutoff_len=_cutoff(p, "e1"))
+                          cutoff_len=int(_data_setting(p, "e1", "cutoff_len")))
         tokens = sum(len(x) for x in ids)
         base_cfg = yaml.safe_load(base.read_text())
         row_tokens = base_cfg["train"]["batch_size"] * base_cfg["data"]["buckets"][-1]
@@ -267,39 +267,34 @@ def _train_set(key: str, default=None):
     return default
 
 
-def _cutoff(p: dict, exp: str) -> int:
-    """The experiment's data.cutoff_len (or a --train-set's): evaluation cuts as training."""
+def _data_setting(p: dict, exp: str, key: str):
+    """The experiment's data.<key> as training saw it: a --train-set's value, else its config's
+    (evaluation cuts and packs as training did)."""
     import yaml
 
-    cfg = yaml.safe_load((Path(PROTOCOL_PATH).parent / p[exp]["config"]).read_text())
-    return int(_train_set("data.cutoff_len", cfg["data"]["cutoff_len"]))
+    given = _train_set(f"data.{key}")
+    if given is not None:
+        return yaml.safe_load(given)
+    return yaml.safe_load((Path(PROTOCOL_PATH).parent / p[exp]["config"]).read_text())["data"][key]
 
 
-def _scores(model, tok, records, template, cutoff, row_len):
-    """Per-record response scores, the records packed into rows as training packs them
+def _scores(p, exp, model, tok, records, template):
+    """Per-record response scores, cut and packed into rows as the experiment's training did
     (packed_response_scores: the head on labelled positions only, one compile per process)."""
     from moka_jax.data import TokenizedData, pad_id, tokenize
     from moka_jax.eval.perplexity import packed_response_scores
 
-    ids, labels = tokenize(records, tok, template=template, cutoff_len=cutoff)
+    ids, labels = tokenize(records, tok, template=template,
+                           cutoff_len=int(_data_setting(p, exp, "cutoff_len")))
     data = TokenizedData(ids, labels, np.zeros(len(ids), np.int64), ["capacity"])
-    return packed_response_scores(model, data, row_len=row_len, rows=4, pad=pad_id(tok))
-
-
-def _row_len(p: dict, exp: str) -> int:
-    """The experiment's packed row length: its config's largest bucket (or a --train-set's),
-    the rows training packed."""
-    import yaml
-
-    cfg = yaml.safe_load((Path(PROTOCOL_PATH).parent / p[exp]["config"]).read_text())
-    given = _train_set("data.buckets")
-    return int((yaml.safe_load(given) if given else cfg["data"]["buckets"])[-1])
+    return packed_response_scores(model, data, row_len=int(_data_setting(p, exp, "buckets")[-1]),
+                                  rows=4, pad=pad_id(tok))
 
 
 def _e1_measures(p, out, u, model, tok) -> dict:
     e = p["e1"]
     pairs = json.loads(e1_data_file(p, out, u.seed).read_text())
-    s = _scores(model, tok, pairs, "plain", _cutoff(p, "e1"), _row_len(p, "e1"))
+    s = _scores(p, "e1", model, tok, pairs, "plain")
     nll_bits = s["nll"] / math.log(2)
     h0 = e["value_len"] * math.log2(len(ALPHABET))  # a value's entropy: what there is to store
     stored = np.clip(h0 - nll_bits, 0.0, h0)
@@ -319,7 +314,7 @@ def _e2_measures(p, out, model, tok, full: bool = True) -> dict:
     rec = {"items": {}, "measured": "all" if full else "val"}
     for name in ("val", "heldout", "general") if full else ("val",):
         records = json.loads(names[name].read_text())
-        s = _scores(model, tok, records, "alpaca", _cutoff(p, "e2"), _row_len(p, "e2"))
+        s = _scores(p, "e2", model, tok, records, "alpaca")
         rec[f"{name}_nll"] = float(s["nll"].sum() / s["tokens"].sum())
         rec["items"][name] = {"nll": [round(float(x), 5) for x in s["nll"]],
                               "tokens": s["tokens"].tolist()}
