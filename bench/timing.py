@@ -21,11 +21,13 @@ def median_seconds(fn, args, repeats: int, warmups: int = 1) -> float:
     return statistics.median(times)
 
 
-def xla_flops(jitted, args) -> float | None:
+def xla_flops(jitted, args=None) -> float | None:
     """XLA's own count of the floating-point operations of one call of a jitted function (its
-    compiled cost analysis); None where the backend gives none."""
+    compiled cost analysis), or of an already compiled one (args None); None where the backend
+    gives none."""
     try:
-        cost = jitted.lower(*args).compile().cost_analysis()
+        compiled = jitted if args is None else jitted.lower(*args).compile()
+        cost = compiled.cost_analysis()
     except Exception:  # noqa: BLE001 - a backend without cost analysis: no count
         return None
     if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
