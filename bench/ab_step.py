@@ -42,8 +42,8 @@ def parse_setting(text: str) -> tuple[dict, dict]:
             if not value.isdigit() or int(value) < 1:
                 raise SystemExit(f"setting {item!r}: {key} takes a positive whole number")
             trace[key] = int(value)
-        elif key.startswith("xla_"):
-            xla[key] = value
+        elif key.startswith("xla_"):  # XLA wants bools as bools ('true' is refused)
+            xla[key] = {"true": True, "false": False}.get(value.lower(), value)
         else:
             raise SystemExit(f"setting {item!r}: unknown key {key!r} (block, chunk or xla_*)")
     return trace, xla

@@ -14,6 +14,7 @@ def test_setting_splits_trace_constants_from_xla_options():
     assert trace == {"block": 64, "chunk": 256}
     assert xla == {"xla_cpu_prefer_vector_width": "512"}
     assert ab_step.parse_setting("") == ({}, {})
+    assert ab_step.parse_setting("xla_cpu_use_onednn=True")[1] == {"xla_cpu_use_onednn": True}
 
 
 @pytest.mark.parametrize("bad", ["block", "block=", "threads=2", "chunk=x", "block=0"])
