@@ -208,6 +208,10 @@ def complete_unit(out: Path, u: Unit, rec: dict) -> dict:
     t0 = time.time()
     _evaluate(out, u, full=True)
     new = json.loads((out / u.rel / "eval.json").read_text())
+    new["items"] = {**rec.get("items", {}), **new["items"]}  # the validation items kept
+    for k in ("val_nll", "select"):
+        if k in rec:
+            new.setdefault(k, rec[k])
     new.update(unit=u.__dict__, train_seconds=rec["train_seconds"],
                seconds=rec["seconds"] + time.time() - t0)
     write_json(out / u.rel / "result.json", new)
@@ -255,7 +259,7 @@ def evaluate_unit(p: dict, out: Path, rel: str, full: bool = True) -> None:
     if u.exp == "e1":
         rec.update(_e1_measures(p, out, u, model, tok))
     else:
-        rec.update(_e2_measures(p, out, model, tok, full))
+        rec.update(_e2_measures(p, out, model, tok, _e2_splits_to_measure(u, full)))
     write_json(d / "eval.json", rec)
 
 
@@ -306,21 +310,31 @@ def _e1_measures(p, out, u, model, tok) -> dict:
                       "tokens": s["tokens"].tolist()}}
 
 
-def _e2_measures(p, out, model, tok, full: bool = True) -> dict:
-    """Response NLL of every split (per item too) and zero-shot accuracy. A search trial is
-    first measured on the validation split only (all its choice needs); the trial that wins is
-    also that method's seed-0 main run, and the driver then completes its measures (full)."""
+def _e2_splits_to_measure(u: Unit, full: bool) -> tuple[str, ...]:
+    """The validation split only where a choice needs it: a search trial is first measured on
+    it alone; the trial that wins (also that method's seed-0 main run) is then completed with
+    the held-out measures, its validation record kept (complete_unit). Every other unit is
+    measured on the held-out splits only: validation NLL ranks lrs, it is not a result."""
+    if u.phase == "search":
+        return ("heldout", "general") if full else ("val",)
+    return ("heldout", "general")
+
+
+def _e2_measures(p, out, model, tok, splits=("heldout", "general")) -> dict:
+    """Response NLL of each split named (per item too); zero-shot accuracy with the held-out
+    ones. `measured` says which: "val" (a search trial's choice) or "all"."""
     names = e2_splits(p, out)
-    rec = {"items": {}, "measured": "all" if full else "val"}
-    for name in ("val", "heldout", "general") if full else ("val",):
+    rec = {"items": {}, "measured": "val" if splits == ("val",) else "all"}
+    for name in splits:
         records = json.loads(names[name].read_text())
         s = _scores(p, "e2", model, tok, records, "alpaca")
         rec[f"{name}_nll"] = float(s["nll"].sum() / s["tokens"].sum())
         rec["items"][name] = {"nll": [round(float(x), 5) for x in s["nll"]],
                               "tokens": s["tokens"].tolist()}
-    if full:
+    if "heldout" in splits:
         rec.update(_zeroshot(p, model, tok))
-    rec["select"] = rec["val_nll"]
+    if "val" in splits:
+        rec["select"] = rec["val_nll"]
     return rec
 
 
@@ -361,7 +375,7 @@ def evaluate_base(p: dict, out: Path) -> None:
 
     model, tok = mj.load(_train_set("model.path", "smollm2"), quant="nf4", dtype=jnp.float32,
                          tokenizer=_train_set("model.tokenizer"))
-    rec = _e2_measures(p, out, model, tok)
+    rec = _e2_measures(p, out, model, tok, ("val", "heldout", "general"))
     write_json(out / "e2" / "base" / "result.json", rec)
 
 
@@ -408,8 +422,9 @@ def run_all(p: dict, out: Path, exps) -> None:
         if u.exp == "e2" and u in mains:
             base_e2(p, out)
         rec = run_unit(p, out, u, full=u in mains)
-        print(f"[capacity] {u.rel}: select {rec['select']:.4f}, "
-              f"{rec['seconds'] / 60:.1f} min", flush=True)
+        score = ", ".join(f"{k} {rec[k]:.4f}" for k in ("select", "heldout_nll", "recall")
+                          if rec.get(k) is not None)
+        print(f"[capacity] {u.rel}: {score}, {rec['seconds'] / 60:.1f} min", flush=True)
 
 
 def pilot(p: dict, out: Path, exp: str, methods, budgets, lr: float) -> list:

@@ -15,7 +15,7 @@ from moka_jax.support.bootstrap import paired_ratio_interval, ratio_interval
 
 BEGIN, END = "<!-- capacity:begin -->", "<!-- capacity:end -->"
 E1_MEASURES = ("recall", "value_nll", "bits_stored", "bits_per_param")
-E2_MEASURES = ("heldout_nll", "forgetting", "val_nll", "zeroshot_acc", "zeroshot_acc_norm")
+E2_MEASURES = ("heldout_nll", "forgetting", "zeroshot_acc", "zeroshot_acc_norm")
 BOOT = 2000
 
 

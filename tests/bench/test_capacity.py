@@ -117,6 +117,13 @@ def test_driver_end_to_end_on_the_tiny_model(tmp_path, capsys, monkeypatch):
                 rec = plan.read_result(out, u)
                 assert rec["measured"] == ("all" if u.lr == won else "val")
                 assert ("heldout_nll" in rec) == ("zeroshot_acc" in rec) == (u.lr == won)
+                # completing the winner keeps its validation record; it is not re-measured
+                assert "val" in rec["items"] and rec["select"] == rec["val_nll"]
+    # a main run that no search chose is measured on the held-out splits only
+    mains = [plan.read_result(out, u) for u in plan.all_units(proto_p, out, ["e2"])
+             if isinstance(u, plan.Unit) and u.phase != "search"]
+    assert mains and all(set(r["items"]) == {"heldout", "general"} and "val_nll" not in r
+                         for r in mains)
     for fit in ("lora", "kron_greedy", "moka"):
         errs = final["e3"][fit]
         assert set(errs) == {"1", "4"} and all(0.0 <= e[0] <= 1.0 for e in errs.values())
