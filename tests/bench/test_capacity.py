@@ -76,6 +76,11 @@ def test_driver_end_to_end_on_the_tiny_model(tmp_path, capsys, monkeypatch):
     # main() sets the driver's module globals from its arguments; restore them afterwards
     for name in ("PROTOCOL_PATH", "SETS", "TRAIN_SETS", "IN_PROCESS"):
         monkeypatch.setattr(capacity, name, getattr(capacity, name))
+    # the driver is under test, not attention: one block per row of 1,024 (the default 64
+    # unrolls 16 blocks per layer and doubled the compile time of every unit's programs;
+    # tests/models/test_llama.py checks blocked attention against the full score matrix)
+    from moka_jax.models import llama
+    monkeypatch.setattr(llama, "ATTENTION_BLOCK", 1024)
     monkeypatch.chdir(REPO)
     p = yaml.safe_load((plan.CONFIGS / "protocol.yaml").read_text())
     # the tiny model's targets: q 64x64, v 32x64 (2 kv heads of 16), 2 layers
