@@ -252,9 +252,23 @@ def status(p: dict, out: Path, exps) -> dict:
         else:
             done.append(u.rel)
             secs.append(rec["seconds"])
-    mean = float(np.mean(secs)) if secs else None
     return {"done": len(done), "left": len(left), "left_units": left,
             "compute_minutes_spent": round(sum(secs) / 60, 1),
-            "compute_minutes_left_est": round(mean * len(left) / 60, 1) if mean else None}
+            "compute_minutes_left_est": _left_estimate(done, secs, left)}
+
+
+def _left_estimate(done: list, secs: list, left: list) -> float | None:
+    """Minutes the units left would take at the median pace of the finished units of their
+    experiment (all finished units' median where an experiment has none yet). A median, not a
+    mean: a unit that shared the machine with a test run took several times a quiet one."""
+    if not secs:
+        return None
+    by_exp: dict = {}
+    for rel, s in zip(done, secs):
+        by_exp.setdefault(rel.split("/")[0], []).append(s)
+    overall = float(np.median(secs))
+    est = sum(float(np.median(by_exp[rel.split("/")[0]])) if rel.split("/")[0] in by_exp
+              else overall for rel in left)
+    return round(est / 60, 1)
 
 

@@ -150,3 +150,11 @@ def test_driver_end_to_end_on_the_tiny_model(tmp_path, capsys, monkeypatch):
     # a finished suite runs nothing again
     _, again = _main(cmd, capsys)
     assert "[capacity] e" not in again
+
+
+def test_time_left_is_estimated_per_experiment_at_the_median_pace():
+    done = ["e2/search/a", "e2/search/b", "e2/search/c", "e3/fits"]
+    secs = [600.0, 660.0, 7200.0, 60.0]  # one E2 unit shared the machine with a test run
+    # e2 units at E2's median (660 s), e1 (none finished) at the overall median (630 s)
+    assert plan._left_estimate(done, secs, ["e2/main/x", "e1/search/y"]) == round(1290 / 60, 1)
+    assert plan._left_estimate([], [], ["e1/a"]) is None
