@@ -184,11 +184,11 @@ def markdown(p: dict, summ: dict, ivals: dict, sep, sep_iv, counts, lrs, status,
     lines += ["", "Chosen lr (seed 0 at the search budget; validation measure per trial):", "",
               "| exp | method | lr | trials | edge |", "| --- | --- | ---: | --- | --- |"]
     for (exp, m), (lr, scores) in lrs.items():
-        if lr is None:
+        if not scores:
             continue
         grid = sorted(scores)
         edge = "yes" if lr in (grid[0], grid[-1]) else ""
-        lines.append(f"| {exp} | {m} | {lr:g} | "
+        lines.append(f"| {exp} | {m} | {'searching' if lr is None else f'{lr:g}'} | "
                      + ", ".join(f"{k:g}: {v:.4f}" for k, v in sorted(scores.items()))
                      + f" | {edge} |")
     for exp, measures in (("e1", E1_MEASURES), ("e2", E2_MEASURES)):

@@ -158,3 +158,14 @@ def test_time_left_is_estimated_per_experiment_at_the_median_pace():
     # e2 units at E2's median (660 s), e1 (none finished) at the overall median (630 s)
     assert plan._left_estimate(done, secs, ["e2/main/x", "e1/search/y"]) == round(1290 / 60, 1)
     assert plan._left_estimate([], [], ["e1/a"]) is None
+
+
+def test_a_search_under_way_lists_its_trials_so_far(tmp_path):
+    status = {"done": 3, "left": 1, "compute_minutes_spent": 1.0}
+    lrs = {("e2", "lora"): (None, {0.001: 1.15, 0.003: 0.99}),  # 1e-2 not run yet
+           ("e2", "moka"): (0.01, {0.001: 1.3, 0.003: 1.1, 0.01: 0.95}),
+           ("e2", "mokas"): (None, {})}
+    text = capacity_report.markdown(PROTOCOL, {}, {}, None, None, [], lrs, status, [], tmp_path)
+    assert "| e2 | lora | searching | 0.001: 1.1500, 0.003: 0.9900 |  |" in text
+    assert "| e2 | moka | 0.01 | 0.001: 1.3000, 0.003: 1.1000, 0.01: 0.9500 | yes |" in text
+    assert "| e2 | mokas |" not in text
