@@ -201,6 +201,7 @@ def summarise(args, variants, results, batch, model_name, at_start, epoch=None) 
         "bench": "vs_pytorch", "model": model_name, "batch": [args.batch, args.seq],
         "data": DATA, "seed": SEED, "adamw": ADAMW, "adapted": "q_proj, v_proj",
         "lora": {"r": LORA_R, "alpha": LORA_ALPHA}, "moka": {"r": MOKA_R},
+        "jax_attention_block": args.attention_block or _library_attention_block(),
         "machine": {**machine.cpu_info(), "torch_threads": first("torch_threads"),
                     "jax_backend": first("jax_backend"), "python": platform.python_version(),
                     **at_start},
@@ -259,6 +260,9 @@ def main(argv=None) -> int:
                     help="epoch mode: the first N examples of the shipped mix")
     ap.add_argument("--pack-rows", type=int, default=4,
                     help="epoch mode: packed rows of --seq tokens per JAX step")
+    ap.add_argument("--attention-block", type=int, default=None,
+                    help="JAX: query rows per causal attention block (default: the library's; a "
+                         "value >= --seq computes the full score matrix)")
     ap.add_argument("--tiny", action="store_true",
                     help="a tiny random LLaMA (byte tokenizer) instead of SmolLM2: a quick check")
     ap.add_argument("--model-dir", type=Path, default=None,
@@ -279,8 +283,9 @@ def main(argv=None) -> int:
         epoch_variants = parse_variants(args.epoch_variants) if args.mode != "fixed" else []
     except ValueError as e:
         ap.error(str(e))
-    for name in ("steps", "batch", "seq", "warmup", "epoch_examples", "pack_rows"):
-        if getattr(args, name) < 1:
+    for name in ("steps", "batch", "seq", "warmup", "epoch_examples", "pack_rows",
+                 "attention_block"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
     if args.tiny and args.model_dir:
         ap.error("--tiny and --model-dir are exclusive")
@@ -319,6 +324,7 @@ def main(argv=None) -> int:
                 "examples": str(tmp / "examples.npz"), "pad_id": pad, "seq": args.seq,
                 "pack_rows": args.pack_rows, "torch_batch": args.batch,
                 "steps": args.steps, "warmup": args.warmup,
+                "attention_block": args.attention_block,
                 "moka": (moka_plan(model_dir)
                          if "torch_moka_f32" in variants + epoch_variants else None)}
         (tmp / "spec.json").write_text(json.dumps(spec))
@@ -335,11 +341,27 @@ def main(argv=None) -> int:
 
 # ---- the children: one variant each ----------------------------------------------------------
 
+def _library_attention_block() -> int:
+    from moka_jax.models import llama
+
+    return llama.ATTENTION_BLOCK
+
+
+def _read_spec(spec_file: str) -> dict:
+    """The parent's spec; its attention block (if any) set before any JAX step is traced."""
+    spec = json.loads(Path(spec_file).read_text())
+    if spec.get("attention_block"):
+        from moka_jax.models import llama
+
+        llama.ATTENTION_BLOCK = spec["attention_block"]
+    return spec
+
+
 def worker(variant: str, spec_file: str) -> dict:
     """One fixed batch, --warmup + --steps times: the step time."""
     import procstat  # bench/procstat.py (the worker runs as a script from bench/)
 
-    spec = json.loads(Path(spec_file).read_text())
+    spec = _read_spec(spec_file)
     with np.load(spec["batch"]) as f:
         host = {k: f[k] for k in f.files}
     framework, adapter, base = VARIANTS[variant]
@@ -366,7 +388,7 @@ def epoch_worker(variant: str, spec_file: str) -> dict:
     """One epoch over the same examples, each framework with its own data path: the time."""
     import procstat
 
-    spec = json.loads(Path(spec_file).read_text())
+    spec = _read_spec(spec_file)
     examples = read_examples(spec["examples"])
     framework, adapter, base = VARIANTS[variant]
     runner = (JaxRunner if framework == "jax" else TorchRunner)(variant, spec)

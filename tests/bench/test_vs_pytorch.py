@@ -25,6 +25,7 @@ def run(*args):
 @pytest.mark.parametrize("args, message", [
     (["--variants", "jax_moka_nf4,nope"], "unknown variant(s) nope; choose from jax_moka_nf4"),
     (["--warmup", "0"], "--warmup must be >= 1"),
+    (["--attention-block", "0"], "--attention-block must be >= 1"),
     (["--model-dir", "/nonexistent"], "no config.json there"),
 ])
 def test_bad_input_fails_before_heavy_work(args, message, capsys):
@@ -36,8 +37,10 @@ def test_bad_input_fails_before_heavy_work(args, message, capsys):
 
 
 def test_tiny_runs_every_variant_and_one_epoch():
+    # one attention block per 768-token row: the default's 12 unrolled blocks per layer only
+    # lengthen the JAX compiles (tests/models/test_llama.py checks blocked attention)
     r = run("--tiny", "--batch", "1", "--steps", "1", "--warmup", "1", "--epoch-examples", "6",
-            "--pack-rows", "2")
+            "--pack-rows", "2", "--attention-block", "768")
     assert r.returncode == 0, r.stderr[-4000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     v = res["fixed_batch"]["variants"]
@@ -46,6 +49,7 @@ def test_tiny_runs_every_variant_and_one_epoch():
         assert x["step_seconds"] > 0 and x["tokens_per_s"] > 0 and x["peak_rss_bytes"] > 0, name
         assert len(x["losses"]) == 2 and all(map(math.isfinite, x["losses"])), name
     assert v["jax_moka_nf4"]["compile_seconds"] >= 0
+    assert res["jax_attention_block"] == 768
     # Same batch, same base weights, every adapter starts at dW = 0: the first loss is the base
     # model's, equal across frameworks (nf4: JAX's codes are bitsandbytes'), and nf4 != f32.
     first = {n: x["losses"][0] for n, x in v.items()}
