@@ -20,14 +20,12 @@ BOOT = 2000
 
 
 def records(p: dict, out: Path, exp: str) -> dict:
-    """{(method, budget): [record per seed]} of the finished main units (seed order)."""
+    """{(method, budget): [record per seed]} of the finished main units (seed order). A
+    search winner still waiting for its held-out measures is not finished yet."""
     got: dict = {}
     for u in cap.main_units(p, out, exp):
-        if not isinstance(u, cap.Unit):
-            continue
-        rec = cap.read_result(out, u)
-        if rec is not None:
-            got.setdefault((u.method, u.budget), []).append(rec)
+        if isinstance(u, cap.Unit) and cap.unit_done(out, u, True):
+            got.setdefault((u.method, u.budget), []).append(cap.read_result(out, u))
     return got
 
 
@@ -66,11 +64,20 @@ def _item_stat(rec: dict, exp: str, split: str = "heldout"):
     return np.asarray(it["nll"], float), np.asarray(it["tokens"], float)
 
 
+def _same_seeds(a_recs, b_recs):
+    """Record pairs of the seeds both cells have finished (E1's pairs differ by seed, so a
+    seed pairs only with itself); records without a unit (tests) pair in order."""
+    if not all("unit" in r for r in (*a_recs, *b_recs)):
+        return list(zip(a_recs, b_recs))
+    b_by_seed = {r["unit"]["seed"]: r for r in b_recs}
+    return [(a, b_by_seed[a["unit"]["seed"]]) for a in a_recs if a["unit"]["seed"] in b_by_seed]
+
+
 def paired_interval(a_recs, b_recs, exp: str, rng, split: str = "heldout"):
     """[estimate, low, high] of measure(a) - measure(b): items resampled within each seed
     (the same items for both methods), seeds averaged; 95% percentile bootstrap."""
     pairs = [(_item_stat(a, exp, split), _item_stat(b, exp, split))
-             for a, b in zip(a_recs, b_recs)]
+             for a, b in _same_seeds(a_recs, b_recs)]
     return paired_ratio_interval(pairs, n_boot=BOOT, rng=rng)
 
 
@@ -86,11 +93,10 @@ def intervals(p: dict, recs_by_exp: dict) -> dict:
         for a, b in p["comparisons"]:
             for budget in p["budgets"]:
                 ra, rb = recs.get((a, budget)), recs.get((b, budget))
-                if not ra or not rb:
+                if not ra or not rb or not _same_seeds(ra, rb):
                     continue
-                n = min(len(ra), len(rb))
                 measure = "recall" if exp == "e1" else "heldout_nll"
-                out[f"{exp}:{measure}:{a}-{b}:{budget}"] = paired_interval(ra[:n], rb[:n], exp, rng)
+                out[f"{exp}:{measure}:{a}-{b}:{budget}"] = paired_interval(ra, rb, exp, rng)
     return out
 
 

@@ -169,3 +169,18 @@ def test_a_search_under_way_lists_its_trials_so_far(tmp_path):
     assert "| e2 | lora | searching | 0.001: 1.1500, 0.003: 0.9900 |  |" in text
     assert "| e2 | moka | 0.01 | 0.001: 1.3000, 0.003: 1.1000, 0.01: 0.9500 | yes |" in text
     assert "| e2 | mokas |" not in text
+
+
+def test_paired_intervals_pair_a_seed_only_with_itself():
+    rng = np.random.default_rng(0)
+
+    def rec(seed, greedy):
+        return {"unit": {"seed": seed}, "items": {"greedy": greedy}}
+
+    a = [rec(0, [1] * 10), rec(1, [0] * 10)]
+    b = [rec(1, [0] * 10)]  # seed 0 of b not finished yet
+    # only seed 1 pairs: 0 - 0, not seed 0's 1.0 against seed 1's 0.0
+    assert capacity_report.paired_interval(a, b, "e1", rng)[0] == pytest.approx(0.0)
+    assert capacity_report.intervals(
+        {"comparisons": [["x", "y"]], "budgets": {"r4": 4}},
+        {"e1": {("x", "r4"): a, ("y", "r4"): [rec(2, [1] * 10)]}}) == {}
