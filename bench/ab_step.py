@@ -22,7 +22,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -59,8 +58,6 @@ def main(argv=None) -> int:
     settings = {"a": parse_setting(args.a), "b": parse_setting(args.b)}
     import importlib
 
-    import jax
-
     import roofline
     from timing import xla_flops
     from moka_jax.support import machine
@@ -72,13 +69,10 @@ def main(argv=None) -> int:
     for name, (trace, xla) in settings.items():
         for key, (mod, attr) in TRACE_KEYS.items():  # read when the step is traced (lowered)
             setattr(importlib.import_module(mod), attr, trace.get(key, defaults[key]))
-        step, call_args, _ = roofline.build_step(args.layers, 8, 256, 16)
-        t0 = time.perf_counter()
-        compiled = step._step.lower(*call_args).compile(compiler_options=xla or None)
-        compile_s = time.perf_counter() - t0
-        p, o, m = compiled(*call_args)
-        jax.block_until_ready(m["loss"])
-        steps[name] = (compiled, [p, o, call_args[2], call_args[3]])
+        compiled, call_args, _, compile_s = roofline.compiled_step(args.layers,
+                                                                   compiler_options=xla)
+        roofline.call_step(compiled, call_args)  # the first call allocates
+        steps[name] = (compiled, call_args)
         res["settings"][name] = {"setting": {**defaults, **trace, **xla}, "compile_seconds": compile_s,
                                  "xla_flops": xla_flops(compiled)}
     for key, (mod, attr) in TRACE_KEYS.items():
@@ -86,10 +80,7 @@ def main(argv=None) -> int:
     times = {name: [] for name in steps}
     for _ in range(args.repeats):
         for name, (compiled, a) in steps.items():
-            t0 = time.perf_counter()
-            a[0], a[1], m = compiled(*a)
-            jax.block_until_ready(m["loss"])
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(roofline.call_step(compiled, a))
     for name, t in times.items():
         res["settings"][name].update(step_seconds=statistics.median(t), step_seconds_all=t)
     res["b_over_a_step_time"] = (res["settings"]["b"]["step_seconds"]

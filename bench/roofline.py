@@ -144,12 +144,6 @@ def build_step(layers: int, B: int, T: int, labelled: int, config=None):
     return TrainStep(graphdef, tx), (params, tx.init(params), frozen, batch), n
 
 
-def step_xla_flops(step, args) -> float | None:
-    from timing import xla_flops
-
-    return xla_flops(step._step, args)
-
-
 def cpu_times() -> dict:
     """The machine's CPU time by kind (/proc/stat, seconds): steal is what the hypervisor gave
     other guests while this one wanted the CPU."""
@@ -162,21 +156,36 @@ def cpu_times() -> dict:
     return {k: int(v) / hz for k, v in zip(names, fields)}
 
 
-def step_measure(layers: int, B: int, T: int, labelled: int, steps: int) -> dict:
+def compiled_step(layers: int, B: int = 8, T: int = 256, labelled: int = 16,
+                  compiler_options: dict | None = None, config=None):
+    """(compiled step, its arguments as a list the calls update, trainable params, compile
+    seconds): compiled once, ahead of time, so its cost analysis and its timed calls share one
+    executable; `compiler_options` are XLA options for this executable alone."""
+    step, args, n = build_step(layers, B, T, labelled, config=config)
+    t0 = time.perf_counter()
+    compiled = step._step.lower(*args).compile(compiler_options=compiler_options or None)
+    return compiled, list(args), n, time.perf_counter() - t0
+
+
+def call_step(compiled, args: list) -> float:
+    """Seconds of one step; the new params and optimizer state replace args[0] and args[1]
+    (the step donates them)."""
     import jax
 
-    step, (params, opt, frozen, batch), n = build_step(layers, B, T, labelled)
-    xla = step_xla_flops(step, (params, opt, frozen, batch))
     t0 = time.perf_counter()
-    params, opt, m = step(params, opt, frozen, batch)
+    args[0], args[1], m = compiled(*args)
     jax.block_until_ready(m["loss"])
-    compile_s = time.perf_counter() - t0
-    times, before = [], cpu_times()
-    for _ in range(1 + steps):
-        t0 = time.perf_counter()
-        params, opt, m = step(params, opt, frozen, batch)
-        jax.block_until_ready(m["loss"])
-        times.append(time.perf_counter() - t0)
+    return time.perf_counter() - t0
+
+
+def step_measure(layers: int, B: int, T: int, labelled: int, steps: int) -> dict:
+    from timing import xla_flops
+
+    compiled, args, n, compile_s = compiled_step(layers, B, T, labelled)
+    xla = xla_flops(compiled)
+    compile_s += call_step(compiled, args)
+    before = cpu_times()
+    times = [call_step(compiled, args) for _ in range(1 + steps)]
     after = cpu_times()
     spent = {k: after[k] - before[k] for k in after}
     total = sum(spent.values()) or None

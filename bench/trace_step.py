@@ -26,7 +26,6 @@ import json
 import re
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -106,18 +105,12 @@ def main(argv=None) -> int:
     import roofline
     from moka_jax.support import machine
 
-    step, call_args, _ = roofline.build_step(args.layers, 8, 256, 16)
-    compiled = step._step.lower(*call_args).compile()
-    a = list(call_args)
+    compiled, call_args, _, _ = roofline.compiled_step(args.layers)
     for _ in range(2):  # the first call allocates; the second is a warm step
-        a[0], a[1], m = compiled(*a)
-        jax.block_until_ready(m["loss"])
+        roofline.call_step(compiled, call_args)
     trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="trace_step_")
     jax.profiler.start_trace(trace_dir)
-    t0 = time.perf_counter()
-    a[0], a[1], m = compiled(*a)
-    jax.block_until_ready(m["loss"])
-    wall = time.perf_counter() - t0
+    wall = roofline.call_step(compiled, call_args)
     jax.profiler.stop_trace()
     files = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))
     if not files:

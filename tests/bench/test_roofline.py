@@ -7,6 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import roofline  # noqa: E402
+from timing import xla_flops  # noqa: E402
 
 
 def test_counted_flops_match_xla_cost_analysis_of_the_step(monkeypatch):
@@ -19,8 +20,8 @@ def test_counted_flops_match_xla_cost_analysis_of_the_step(monkeypatch):
 
     c = presets.tiny(hidden=256, intermediate=768, heads=4, kv_heads=2, vocab=2048, layers=2)
     counted = roofline.counted_flops(2, 2, 128, 8, config=c)
-    step, args, _ = roofline.build_step(2, 2, 128, 8, config=c)
-    xla = roofline.step_xla_flops(step, args)
+    compiled, _, _, _ = roofline.compiled_step(2, 2, 128, 8, config=c)
+    xla = xla_flops(compiled)
     assert xla is not None
     assert counted["total"] == pytest.approx(xla, rel=0.05)
     assert counted["total"] == sum(v for k, v in counted.items() if k != "total")
