@@ -263,12 +263,14 @@ def _left_estimate(done: list, secs: list, left: list) -> float | None:
     mean: a unit that shared the machine with a test run took several times a quiet one."""
     if not secs:
         return None
+    def exp(rel):
+        return rel.split("/")[0]
+
     by_exp: dict = {}
     for rel, s in zip(done, secs):
-        by_exp.setdefault(rel.split("/")[0], []).append(s)
+        by_exp.setdefault(exp(rel), []).append(s)
+    pace = {e: float(np.median(v)) for e, v in by_exp.items()}
     overall = float(np.median(secs))
-    est = sum(float(np.median(by_exp[rel.split("/")[0]])) if rel.split("/")[0] in by_exp
-              else overall for rel in left)
-    return round(est / 60, 1)
+    return round(sum(pace.get(exp(rel), overall) for rel in left) / 60, 1)
 
 

@@ -66,9 +66,7 @@ def _item_stat(rec: dict, exp: str, split: str = "heldout"):
 
 def _same_seeds(a_recs, b_recs):
     """Record pairs of the seeds both cells have finished (E1's pairs differ by seed, so a
-    seed pairs only with itself); records without a unit (tests) pair in order."""
-    if not all("unit" in r for r in (*a_recs, *b_recs)):
-        return list(zip(a_recs, b_recs))
+    seed pairs only with itself)."""
     b_by_seed = {r["unit"]["seed"]: r for r in b_recs}
     return [(a, b_by_seed[a["unit"]["seed"]]) for a in a_recs if a["unit"]["seed"] in b_by_seed]
 

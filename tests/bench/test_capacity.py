@@ -39,21 +39,21 @@ def test_e1_pairs_are_seeded_distinct_and_lowercase():
         assert len(r["output"]) == PROTOCOL["e1"]["value_len"] + 1
 
 
-def _rec(greedy):
-    return {"items": {"greedy": list(greedy)}}
+def _rec(greedy, seed=0):
+    return {"unit": {"seed": seed}, "items": {"greedy": list(greedy)}}
 
 
 def test_paired_interval_estimate_and_coverage():
     rng = np.random.default_rng(0)
-    same = [_rec([1, 0, 1, 1]), _rec([0, 0, 1, 1])]
+    same = [_rec([1, 0, 1, 1]), _rec([0, 0, 1, 1], seed=1)]
     assert capacity_report.paired_interval(same, same, "e1", rng) == [0.0, 0.0, 0.0]
     a = [_rec([1] * 60 + [0] * 40)]
     b = [_rec([1] * 30 + [0] * 70)]
     est, lo, hi = capacity_report.paired_interval(a, b, "e1", rng)
     assert est == pytest.approx(0.30) and lo < 0.30 < hi and lo > 0.15
     # ratio of sums for E2 (token-weighted NLL)
-    e2a = [{"items": {"heldout": {"nll": [2.0, 6.0], "tokens": [1, 3]}}}]
-    e2b = [{"items": {"heldout": {"nll": [1.0, 3.0], "tokens": [1, 3]}}}]
+    e2a = [{"unit": {"seed": 0}, "items": {"heldout": {"nll": [2.0, 6.0], "tokens": [1, 3]}}}]
+    e2b = [{"unit": {"seed": 0}, "items": {"heldout": {"nll": [1.0, 3.0], "tokens": [1, 3]}}}]
     assert capacity_report.paired_interval(e2a, e2b, "e2", rng)[0] == pytest.approx(1.0)
 
 
@@ -174,13 +174,10 @@ def test_a_search_under_way_lists_its_trials_so_far(tmp_path):
 def test_paired_intervals_pair_a_seed_only_with_itself():
     rng = np.random.default_rng(0)
 
-    def rec(seed, greedy):
-        return {"unit": {"seed": seed}, "items": {"greedy": greedy}}
-
-    a = [rec(0, [1] * 10), rec(1, [0] * 10)]
-    b = [rec(1, [0] * 10)]  # seed 0 of b not finished yet
+    a = [_rec([1] * 10, seed=0), _rec([0] * 10, seed=1)]
+    b = [_rec([0] * 10, seed=1)]  # seed 0 of b not finished yet
     # only seed 1 pairs: 0 - 0, not seed 0's 1.0 against seed 1's 0.0
     assert capacity_report.paired_interval(a, b, "e1", rng)[0] == pytest.approx(0.0)
     assert capacity_report.intervals(
         {"comparisons": [["x", "y"]], "budgets": {"r4": 4}},
-        {"e1": {("x", "r4"): a, ("y", "r4"): [rec(2, [1] * 10)]}}) == {}
+        {"e1": {("x", "r4"): a, ("y", "r4"): [_rec([1] * 10, seed=2)]}}) == {}
