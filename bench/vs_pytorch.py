@@ -195,13 +195,14 @@ def summarise(args, variants, results, batch, model_name, at_start, epoch=None) 
     def first(key):
         return next((r[key] for r in ok.values() if key in r), None)
 
+    from moka_jax.models import llama
     from moka_jax.support import machine
 
     res = {
         "bench": "vs_pytorch", "model": model_name, "batch": [args.batch, args.seq],
         "data": DATA, "seed": SEED, "adamw": ADAMW, "adapted": "q_proj, v_proj",
         "lora": {"r": LORA_R, "alpha": LORA_ALPHA}, "moka": {"r": MOKA_R},
-        "jax_attention_block": args.attention_block or _library_attention_block(),
+        "jax_attention_block": args.attention_block or llama.ATTENTION_BLOCK,
         "machine": {**machine.cpu_info(), "torch_threads": first("torch_threads"),
                     "jax_backend": first("jax_backend"), "python": platform.python_version(),
                     **at_start},
@@ -340,12 +341,6 @@ def main(argv=None) -> int:
 
 
 # ---- the children: one variant each ----------------------------------------------------------
-
-def _library_attention_block() -> int:
-    from moka_jax.models import llama
-
-    return llama.ATTENTION_BLOCK
-
 
 def _read_spec(spec_file: str) -> dict:
     """The parent's spec; its attention block (if any) set before any JAX step is traced."""
