@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from capacity_plan import (CONFIGS, REPO, Unit, adapter_section, all_units,  # noqa: E402
-                           budget_params, e3_path, e3_target, load_protocol, main_set,
+                           budget_params, e3_fitted, e3_path, e3_targets, load_protocol, main_set,
                            read_result, status, unit_done, write_json)
 import capacity_report  # noqa: E402
 
@@ -388,24 +388,39 @@ IN_PROCESS = False           # --in-process: train and evaluate units in this pr
 
 
 def run_e3(p: dict, out: Path) -> None:
-    """E3: train the target update (LoRA at e3.target_rank on E2's data), then fit every
-    parameterisation to each of its q/v layers (bench/capacity_e3.py) into OUT/e3/e3.json."""
+    """E3: train each target update (LoRA at e3.target_ranks on E2's data), then fit every
+    parameterisation to each of its q/v layers (bench/capacity_e3.py) into OUT/e3/e3.json: the
+    first target with the controls at the top level, the others under "more_targets"."""
     import capacity_e3
 
-    target = e3_target(p, out)
-    if target is None:
+    targets = e3_targets(p, out)
+    if targets is None:
         raise SystemExit("E3 needs E2's LoRA lr search first (run e2 before e3)")
-    if e3_path(out).exists():
-        return
-    print(f"[capacity] {target.rel} (E3's target update)", flush=True)
-    run_unit(p, out, target)
+    e3 = json.loads(e3_path(out).read_text()) if e3_path(out).exists() else None
     e = p["e3"]
-    res = capacity_e3.main(["--adapter", str(out / target.rel / "run" / "adapter"),
-                            "--steps", str(e["steps"]), "--lr", str(e["lr"]),
-                            "--ranks", *[str(r) for r in p["budgets"].values()],
-                            "--plot", str(out / "figures" / "e3_rel_error.png")])
-    res.update(target_unit=target.rel, plot=os.path.relpath(res["plot"], out))
-    write_json(e3_path(out), res)
+    for i, target in enumerate(targets):
+        if e3 is not None and target.rel in e3_fitted(e3):
+            continue
+        if i > 0 and e3 is None:
+            raise SystemExit(f"E3: {target.rel} is fitted after the headline target "
+                             f"{targets[0].rel}, which has no fits")
+        print(f"[capacity] {target.rel} (E3's target update)", flush=True)
+        run_unit(p, out, target)
+        adapter = out / target.rel / "run" / "adapter"
+        if not adapter.is_dir():  # run/ is not committed: a fresh clone has the record only
+            raise SystemExit(f"E3: the adapter of {target.rel} is not here ({adapter}); move "
+                             f"{out / target.rel / 'result.json'} aside to train it again")
+        res = capacity_e3.main(["--adapter", str(adapter),
+                                "--steps", str(e["steps"]), "--lr", str(e["lr"]),
+                                "--ranks", *[str(r) for r in p["budgets"].values()],
+                                *(["--no-controls"] if i > 0 else [])])
+        res.update(target_unit=target.rel)
+        if i == 0:
+            e3 = res
+        else:
+            e3.setdefault("more_targets", {})[target.rel] = {
+                k: res[k] for k in ("source", "matrices", "e3", "wall_s", "cpu_s", "target_unit")}
+        write_json(e3_path(out), e3)
 
 
 def run_all(p: dict, out: Path, exps) -> None:

@@ -39,11 +39,12 @@ def load_protocol(path, sets=()) -> dict:
 
 
 def budget_rank(p: dict, budget: str) -> int:
-    """A budget's LoRA rank: one of `budgets`, or E3's target rank ('r64')."""
+    """A budget's LoRA rank: one of `budgets`, or one of E3's target ranks ('r64')."""
     if budget in p["budgets"]:
         return p["budgets"][budget]
-    if "e3" in p and budget == f"r{p['e3']['target_rank']}":
-        return int(p["e3"]["target_rank"])
+    for r in p.get("e3", {}).get("target_ranks", []):
+        if budget == f"r{r}":
+            return int(r)
     raise SystemExit(f"budget {budget!r} is not in the protocol's budgets {sorted(p['budgets'])}")
 
 
@@ -218,12 +219,18 @@ def all_units(p: dict, out: Path, exps) -> list:
     return units
 
 
-def e3_target(p: dict, out: Path) -> "Unit | None":
-    """E3's high-capacity update: LoRA at e3.target_rank trained as an E2 unit (E2's data,
-    steps and LoRA's chosen E2 lr, seed 0); None until that lr is chosen."""
+def e3_targets(p: dict, out: Path) -> "list[Unit] | None":
+    """E3's high-capacity updates: LoRA at each of e3.target_ranks trained as an E2 unit (E2's
+    data, steps and LoRA's chosen E2 lr, seed 0), the headline first; None until that lr is
+    chosen."""
     lr, _ = chosen_lr(p, out, "e2", "lora")
-    return None if lr is None else Unit("e2", "e3-target", "lora",
-                                        f"r{p['e3']['target_rank']}", 0, lr)
+    return None if lr is None else [Unit("e2", "e3-target", "lora", f"r{r}", 0, lr)
+                                    for r in p["e3"]["target_ranks"]]
+
+
+def e3_fitted(e3: dict) -> set:
+    """The target units an e3.json holds fits of: the headline and any further targets."""
+    return {e3["target_unit"], *e3.get("more_targets", {})}
 
 
 def e3_path(out: Path) -> Path:
@@ -233,17 +240,21 @@ def e3_path(out: Path) -> Path:
 def status(p: dict, out: Path, exps) -> dict:
     done, left, secs = [], [], []
     if "e3" in exps:
-        t = e3_target(p, out)
-        if t is None or read_result(out, t) is None:
-            left.append(t.rel if t else "e2/e3-target/lora (E2's LoRA lr not chosen)")
-        else:
-            done.append(t.rel)
-            secs.append(read_result(out, t)["seconds"])
-        if e3_path(out).exists():
-            done.append("e3/fits")
-            secs.append(json.loads(e3_path(out).read_text())["wall_s"])
-        else:
-            left.append("e3/fits")
+        targets = e3_targets(p, out)
+        e3 = json.loads(e3_path(out).read_text()) if e3_path(out).exists() else None
+        for t in targets or [None]:
+            if t is None or read_result(out, t) is None:
+                left.append(t.rel if t else "e2/e3-target/lora (E2's LoRA lr not chosen)")
+            else:
+                done.append(t.rel)
+                secs.append(read_result(out, t)["seconds"])
+            fits = f"e3/fits/{t.budget if t else 'lora'}"
+            if t is not None and e3 is not None and t.rel in e3_fitted(e3):
+                done.append(fits)
+                secs.append(e3["wall_s"] if t.rel == e3["target_unit"]
+                            else e3["more_targets"][t.rel]["wall_s"])
+            else:
+                left.append(fits)
     mains = main_set(p, out, exps)
     for u in all_units(p, out, [e for e in exps if e != "e3"]):
         rec = read_result(out, u) if isinstance(u, Unit) else None

@@ -146,30 +146,71 @@ def _fmt(cell: dict, k: str, digits: int = 3) -> str:
     return f"{c['mean']:.{digits}f} ± {c['sd']:.{digits}f}" if c["n"] > 1 else f"{c['mean']:.{digits}f}"
 
 
-def e3_summary(e3: dict | None) -> dict:
-    """{"target" | control: {parameterisation: {budget rank: [mean, sd] relative error}}}."""
+E3_FITS = ("lora", "kron_greedy", "moka")
+
+
+def _target_label(rel: str) -> str:
+    """'e2/e3-target/lora-r64/seed0-lr0.01' -> 'lora-r64'."""
+    return rel.split("/")[2]
+
+
+def e3_panels(e3: dict | None) -> dict:
+    """{panel title: capacity_e3 fits} in plot order: the headline target, the further
+    targets, the controls."""
+    import capacity_e3
+
     if e3 is None:
         return {}
-    panels = {"target": e3["e3"], **e3.get("controls", {})}
-    return {name: {k: {r: v["rel_error"] for r, v in res[k].items()}
-                   for k in ("lora", "kron_greedy", "moka")}
-            for name, res in panels.items()}
+    panels = {f"dW* of {_target_label(e3['target_unit'])}": e3["e3"]}
+    for rel, t in e3.get("more_targets", {}).items():
+        panels[f"dW* of {_target_label(rel)}"] = t["e3"]
+    for k, v in e3.get("controls", {}).items():
+        rank = f" (rank {capacity_e3.CONTROL_RANK})" if k == "lowrank" else ""
+        panels[f"control: {k}{rank}"] = v
+    return panels
 
 
-def e3_lines(e3: dict | None, where: Path, out: Path) -> list[str]:
+def _errors(res: dict) -> dict:
+    """{parameterisation: {budget rank: [mean, sd] relative error}}."""
+    return {k: {r: v["rel_error"] for r, v in res[k].items()} for k in E3_FITS}
+
+
+def e3_summary(e3: dict | None) -> dict:
+    """The report JSON's E3 keys: the headline target's errors, the controls', the further
+    targets'."""
+    if e3 is None:
+        return {"e3": {}, "e3_controls": {}, "e3_more_targets": {}}
+    return {"e3": _errors(e3["e3"]),
+            "e3_controls": {k: _errors(v) for k, v in e3.get("controls", {}).items()},
+            "e3_more_targets": {_target_label(rel): _errors(t["e3"])
+                                for rel, t in e3.get("more_targets", {}).items()}}
+
+
+def e3_lines(e3: dict | None, plot: Path | None, where: Path) -> list[str]:
     if e3 is None:
         return []
-    summ = e3_summary(e3)
-    ranks = list(next(iter(summ["target"].values())))
+    panels = e3_panels(e3)
+    ranks = list(e3["e3"]["lora"])
+    head = "| {} | parameterisation | " + " | ".join(f"R={r}" for r in ranks) + " |"
+    rule = "| --- | --- | " + " | ".join("---:" for _ in ranks) + " |"
     lines = ["", f"**E3** (relative Frobenius error of the best fit, mean ± sd over the "
-             f"{e3['matrices']} q/v matrices of {e3['target_unit']}; budgets as LoRA ranks):", "",
-             "| target | parameterisation | " + " | ".join(f"R={r}" for r in ranks) + " |",
-             "| --- | --- | " + " | ".join("---:" for _ in ranks) + " |"]
-    for name, fits in summ.items():
-        for k, by_r in fits.items():
+             f"{e3['matrices']} q/v matrices of each target; budgets as LoRA ranks R, "
+             f"R (out + in) parameters a matrix):", "", head.format("target"), rule]
+    for name, res in panels.items():
+        for k in E3_FITS:
             lines.append(f"| {name} | {k} | " + " | ".join(
-                f"{by_r[r][0]:.3f} ± {by_r[r][1]:.3f}" for r in ranks) + " |")
-    lines += ["", f"![e3]({os.path.relpath(out / e3['plot'], where)})"]
+                "{:.3f} ± {:.3f}".format(*res[k][r]["rel_error"]) for r in ranks) + " |")
+    targets = {n: r for n, r in panels.items() if n.startswith("dW*")}
+    lines += ["", "Effective rank (Roy-Vetterli, mean ± sd over layers) of each target: " + "; ".join(
+        f"{name}: " + ", ".join("{} {:.1f} ± {:.1f}".format(w, *v["eff_rank"])
+                                for w, v in res["target"].items())
+        for name, res in targets.items()) + ". Of its fits:", "", head.format("target"), rule]
+    for name, res in targets.items():
+        for k in E3_FITS:
+            lines.append(f"| {name} | {k} | " + " | ".join(
+                "{:.1f} ± {:.1f}".format(*res[k][r]["eff_rank"]) for r in ranks) + " |")
+    if plot is not None:
+        lines += ["", f"![e3]({os.path.relpath(plot, where)})"]
     return lines
 
 
@@ -257,18 +298,21 @@ def report(p: dict, out: Path, results: Path) -> dict:
     counts = cap.counts_table(p)
     e3_file = cap.e3_path(out)
     e3 = json.loads(e3_file.read_text()) if e3_file.exists() else None
+    e3_plot = None
+    if e3 is not None:
+        import capacity_e3
+
+        e3_plot = capacity_e3.plot(e3_panels(e3), fig / "e3_rel_error.png",
+                                   [int(r) for r in e3["e3"]["lora"]])
     where = results.absolute().parent
     write_section(results, markdown(p, summ, ivals, sep, sep_iv, counts, lrs, st, plots,
-                                    where, e3_lines(e3, where, out)))
+                                    where, e3_lines(e3, e3_plot, where)))
 
     def compact(s):
         return {m: {b: {k: [v["mean"], v["sd"]] if isinstance(v, dict) else v
                         for k, v in c.items()} for b, c in cells.items()} for m, cells in s.items()}
 
-    e3_out = e3_summary(e3)
-    return {"e1": compact(summ["e1"]), "e2": compact(summ["e2"]),
-            "e3": e3_out.get("target", {}),
-            "e3_controls": {k: v for k, v in e3_out.items() if k != "target"},
+    return {"e1": compact(summ["e1"]), "e2": compact(summ["e2"]), **e3_summary(e3),
             "e3_note": "done" if e3 else "not run yet",
             "intervals": ivals, "e1_budget_separates": sep,
             "status": {k: v for k, v in st.items() if k != "left_units"}}

@@ -95,7 +95,7 @@ def test_driver_end_to_end_on_the_tiny_model(tmp_path, capsys, monkeypatch):
     p["e2"].update(heldout=4, val=4, forgetting=4, steps=2, train_limit=8, zeroshot_limit=2,
                    zeroshot_tasks=["boolq", "winogrande"])
     p["e2"].pop("lrs", None)  # both experiments search the test's two-value grid
-    p["e3"].update(target_rank=8, steps=2)
+    p["e3"].update(target_ranks=[8, 16], steps=2)
     proto = tmp_path / "protocol.yaml"
     proto.write_text(yaml.safe_dump(p))
     # the protocol's configs are found next to it
@@ -108,9 +108,9 @@ def test_driver_end_to_end_on_the_tiny_model(tmp_path, capsys, monkeypatch):
     assert st["done"] == 0 and st["left"] > 0
     final, _ = _main(cmd, capsys)
     st, _ = _main(cmd + ["--status"], capsys)
-    # per experiment: 4 search trials, then 5 cells less the 2 search winners; E3: its
-    # target (LoRA r8 on E2's data) and the fits
-    assert st["left"] == 0 and st["done"] == 2 * (4 + 5 - 2) + 2
+    # per experiment: 4 search trials, then 5 cells less the 2 search winners; E3: its two
+    # targets (LoRA r8 and r16 on E2's data) and the fits of each
+    assert st["left"] == 0 and st["done"] == 2 * (4 + 5 - 2) + 4
     assert (out / "e2" / "e3-target" / "lora-r8").is_dir()
     # an E2 search trial that lost was measured on validation only; the winner, which is
     # also the seed-0 main run, on everything
@@ -135,7 +135,22 @@ def test_driver_end_to_end_on_the_tiny_model(tmp_path, capsys, monkeypatch):
     # the truncated SVD is the optimum at a rank budget, and a larger budget fits better
     assert final["e3"]["lora"]["4"][0] <= final["e3"]["lora"]["1"][0]
     assert set(final["e3_controls"]) == {"gaussian", "lowrank"}
+    # the further target is fitted without controls, and a wider LoRA fits it no worse
+    more = final["e3_more_targets"]["lora-r16"]
+    assert more["lora"]["4"][0] <= more["lora"]["1"][0]
     assert "e3_rel_error.png" in results.read_text()
+    assert "| dW* of lora-r16 | moka |" in results.read_text()
+    # an e3.json from before the further target (this suite's first E3 run) gains its fits
+    # without the headline's being redone
+    e3_file = plan.e3_path(out)
+    e3 = json.loads(e3_file.read_text())
+    headline = e3["e3"]
+    e3.pop("more_targets")
+    e3_file.write_text(json.dumps(e3))
+    _main(cmd + ["--only", "e3"], capsys)
+    e3 = json.loads(e3_file.read_text())
+    assert e3["e3"] == headline and set(e3["more_targets"]) == {
+        t.rel for t in plan.e3_targets(proto_p, out)[1:]}
     for exp in ("e1", "e2"):
         assert set(final[exp]) == {"lora", "moka", "moka-ungated"}
         assert final[exp]["lora"]["r1"]["params"] == 2 * (64 + 64 + 32 + 64)
