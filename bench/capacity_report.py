@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -84,8 +85,13 @@ def single_interval(recs, exp: str, rng):
     return ratio_interval([_item_stat(r, exp) for r in recs], n_boot=BOOT, rng=rng)
 
 
+def _rng(key: str) -> np.random.Generator:
+    """A bootstrap stream of its own per interval, so an interval moves only when its own
+    records do (one shared stream shifted every later interval whenever a unit finished)."""
+    return np.random.default_rng(zlib.crc32(key.encode()))
+
+
 def intervals(p: dict, recs_by_exp: dict) -> dict:
-    rng = np.random.default_rng(0)
     out = {}
     for exp, recs in recs_by_exp.items():
         for a, b in p["comparisons"]:
@@ -94,7 +100,8 @@ def intervals(p: dict, recs_by_exp: dict) -> dict:
                 if not ra or not rb or not _same_seeds(ra, rb):
                     continue
                 measure = "recall" if exp == "e1" else "heldout_nll"
-                out[f"{exp}:{measure}:{a}-{b}:{budget}"] = paired_interval(ra, rb, exp, rng)
+                key = f"{exp}:{measure}:{a}-{b}:{budget}"
+                out[key] = paired_interval(ra, rb, exp, _rng(key))
     return out
 
 
@@ -105,8 +112,8 @@ def budget_separates(p: dict, recs: dict) -> tuple[bool | None, dict]:
     a, b = recs.get(("lora", lo_b)), recs.get(("lora", hi_b))
     if not a or not b:
         return None, {}
-    rng = np.random.default_rng(1)
-    ia, ib = single_interval(a, "e1", rng), single_interval(b, "e1", rng)
+    ia = single_interval(a, "e1", _rng(f"e1:recall:lora-{lo_b}"))
+    ib = single_interval(b, "e1", _rng(f"e1:recall:lora-{hi_b}"))
     ok = (ib[0] - ia[0] >= 0.20) and (ib[1] > ia[2])
     return bool(ok), {f"lora-{lo_b}": ia, f"lora-{hi_b}": ib}
 

@@ -196,3 +196,19 @@ def test_paired_intervals_pair_a_seed_only_with_itself():
     assert capacity_report.intervals(
         {"comparisons": [["x", "y"]], "budgets": {"r4": 4}},
         {"e1": {("x", "r4"): a, ("y", "r4"): [_rec([1] * 10, seed=2)]}}) == {}
+
+
+def test_an_interval_does_not_move_when_another_comparison_gains_records():
+    rng = np.random.default_rng(3)
+
+    def cell(p_true):
+        return [_rec((rng.random(40) < p_true).astype(int), seed=0)]
+
+    recs = {("x", "r1"): cell(0.3), ("y", "r1"): cell(0.5),
+            ("x", "r4"): cell(0.6), ("y", "r4"): cell(0.4)}
+    p = {"comparisons": [["x", "y"]], "budgets": {"r1": 1, "r4": 4}}
+    alone = capacity_report.intervals(p, {"e1": {k: v for k, v in recs.items()
+                                                 if k[1] == "r4"}})
+    both = capacity_report.intervals(p, {"e1": recs})
+    assert set(both) == {"e1:recall:x-y:r1", "e1:recall:x-y:r4"}
+    assert both["e1:recall:x-y:r4"] == alone["e1:recall:x-y:r4"]
