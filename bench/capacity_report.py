@@ -15,8 +15,10 @@ import capacity_plan as cap
 from moka_jax.support.bootstrap import paired_ratio_interval, ratio_interval
 
 BEGIN, END = "<!-- capacity:begin -->", "<!-- capacity:end -->"
-E1_MEASURES = ("recall", "value_nll", "bits_stored", "bits_per_param")
-E2_MEASURES = ("heldout_nll", "forgetting", "zeroshot_acc", "zeroshot_acc_norm")
+# gate_entropy: the gated mixtures' mean over layers of H(softmax(g)) / ln(components) after
+# training: 1 = uniform (the init), 0 = one component takes all ("-" for the ungated)
+E1_MEASURES = ("recall", "value_nll", "bits_stored", "bits_per_param", "gate_entropy")
+E2_MEASURES = ("heldout_nll", "forgetting", "zeroshot_acc", "zeroshot_acc_norm", "gate_entropy")
 BOOT = 2000
 
 
@@ -247,7 +249,9 @@ def markdown(p: dict, summ: dict, ivals: dict, sep, sep_iv, counts, lrs, status,
         s = summ.get(exp) or {}
         if not s:
             continue
-        lines += ["", f"**{exp.upper()}** (mean ± sd over seeds):", "",
+        lines += ["", f"**{exp.upper()}** (mean ± sd over seeds; gate_entropy: the gate's "
+                  "entropy over ln(components), mean over layers, 1 = uniform, 0 = one component "
+                  "takes all):", "",
                   "| method | budget | params | " + " | ".join(measures) + " |",
                   "| --- | --- | ---: | " + " | ".join("---:" for _ in measures) + " |"]
         for m, cells in s.items():
