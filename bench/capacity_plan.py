@@ -228,9 +228,10 @@ def e3_targets(p: dict, out: Path) -> "list[Unit] | None":
                                     for r in p["e3"]["target_ranks"]]
 
 
-def e3_fitted(e3: dict) -> set:
-    """The target units an e3.json holds fits of: the headline and any further targets."""
-    return {e3["target_unit"], *e3.get("more_targets", {})}
+def e3_fitted(e3: dict) -> dict:
+    """{target unit: its fits' record} of an e3.json: the headline (the top level) and any
+    further targets ("more_targets")."""
+    return {e3["target_unit"]: e3, **e3.get("more_targets", {})}
 
 
 def e3_path(out: Path) -> Path:
@@ -249,10 +250,10 @@ def status(p: dict, out: Path, exps) -> dict:
                 done.append(t.rel)
                 secs.append(read_result(out, t)["seconds"])
             fits = f"e3/fits/{t.budget if t else 'lora'}"
-            if t is not None and e3 is not None and t.rel in e3_fitted(e3):
+            fitted = e3_fitted(e3) if e3 is not None else {}
+            if t is not None and t.rel in fitted:
                 done.append(fits)
-                secs.append(e3["wall_s"] if t.rel == e3["target_unit"]
-                            else e3["more_targets"][t.rel]["wall_s"])
+                secs.append(fitted[t.rel]["wall_s"])
             else:
                 left.append(fits)
     mains = main_set(p, out, exps)
