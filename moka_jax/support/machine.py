@@ -89,10 +89,13 @@ def torch_kernels() -> dict:
 
 
 def one_line() -> str:
-    """The machine in one line, for a report."""
+    """The machine in one line, for a report: the CPU with its family / model ids where Linux
+    shows them (VMs often name every instance kind "AMD EPYC"; the ids tell them apart)."""
     cpu, k = cpu_info(), jax_kernels()
-    return (f"{cpu['cpu_model']}, {cpu['cpu_count']} cores; jax {k['jax']} on {k['backend']} "
-            f"({k['device_kind']}); Python {platform.python_version()}")
+    ids = (f" (family {cpu['cpu_family']} model {cpu['cpu_model_id']})"
+           if cpu.get("cpu_family") and cpu.get("cpu_model_id") else "")
+    return (f"{cpu['cpu_model']}{ids}, {cpu['cpu_count']} cores; jax {k['jax']} on "
+            f"{k['backend']} ({k['device_kind']}); Python {platform.python_version()}")
 
 
 __all__ = ["cpu_info", "describe", "instance_info", "jax_kernels", "one_line", "torch_kernels"]

@@ -42,3 +42,14 @@ def test_describe_carries_the_instance_fields():
     for key in ("cpu_model", "cpu_family", "cpu_mhz", "caches", "flags_sha1",
                 "load_average_1m_at_start"):
         assert key in d
+
+
+def test_one_line_names_the_instance_kind_where_linux_shows_it(monkeypatch):
+    kernels = {"jax": "0.0", "backend": "cpu", "device_kind": "cpu"}
+    monkeypatch.setattr(machine, "jax_kernels", lambda: kernels)
+    info = {"cpu_model": "AMD EPYC", "cpu_count": 2, "cpu_family": "25", "cpu_model_id": "17"}
+    monkeypatch.setattr(machine, "cpu_info", lambda: info)
+    assert machine.one_line().startswith("AMD EPYC (family 25 model 17), 2 cores; jax 0.0")
+    # without the ids (no /proc/cpuinfo) the line stays whole, not "family None"
+    monkeypatch.setattr(machine, "cpu_info", lambda: {**info, "cpu_family": None})
+    assert machine.one_line().startswith("AMD EPYC, 2 cores; jax 0.0")
