@@ -182,6 +182,7 @@ def run_unit(p: dict, out: Path, u: Unit, full: bool = True) -> dict:
         raise SystemExit(f"{cfg_path} was written by another protocol; pass another --out")
     cfg_path.write_text(text)
     write_json(d / "unit.json", {"unit": u.__dict__, "planned_params": n_params})
+    attempts = open_attempt(d)
     t0 = time.time()
     train_args = ["--config", str(cfg_path), *sum((["--set", s] for s in TRAIN_SETS), [])]
     if IN_PROCESS:  # tests: one process, so the tiny model's programs compile once
@@ -194,8 +195,48 @@ def run_unit(p: dict, out: Path, u: Unit, full: bool = True) -> dict:
     _evaluate(out, u, full=full or u.exp != "e2" or u.phase != "search")
     rec = json.loads((d / "eval.json").read_text())
     rec.update(unit=u.__dict__, train_seconds=t_train, seconds=time.time() - t0)
+    rec.update(close_attempt(d, attempts))
     write_json(d / "result.json", rec)
     return rec
+
+
+def _attempts_file(d: Path) -> Path:
+    # scratch like the checkpoints (git-ignored), and beside run/, which train.py keeps for
+    # its own files; the result keeps the totals
+    return d / "attempts.json"
+
+
+def open_attempt(d: Path) -> list[dict]:
+    """The unit's process attempts so far, with this one opened. A session's end kills the
+    suite mid-unit and the next resumes from a checkpoint, so the last process's time alone
+    undercounts the unit. An attempt a kill left open is closed at its trainer's last metrics
+    write (a lower bound: the steps after that write, and any measuring, are lost to it); a
+    unit begun before attempts were recorded but already trained in part says so."""
+    from moka_jax.support.machine import one_line
+
+    path, metrics = _attempts_file(d), d / "run" / "metrics.jsonl"
+    atts = json.loads(path.read_text()) if path.exists() else (
+        [{"unrecorded": True}] if metrics.exists() else [])
+    for a in atts:
+        if "start" in a and "end" not in a:
+            a["end"] = max(a["start"], metrics.stat().st_mtime if metrics.exists() else 0.0)
+            a["killed"] = True
+    atts.append({"start": time.time(), "machine": one_line()})
+    write_json(path, atts)
+    return atts
+
+
+def close_attempt(d: Path, atts: list[dict]) -> dict:
+    """Close the open attempt; the record's fields: `machine` (this process's), `attempts`
+    (how many processes trained the unit), `seconds_all` (their time summed) and
+    `seconds_all_complete` (false where an attempt's time is unknown or cut short)."""
+    atts[-1]["end"] = time.time()
+    write_json(_attempts_file(d), atts)
+    timed = [a for a in atts if "start" in a]
+    return {"machine": atts[-1]["machine"], "attempts": len(atts),
+            "seconds_all": sum(a["end"] - a["start"] for a in timed),
+            "seconds_all_complete": len(timed) == len(atts) and not any(
+                a.get("killed") for a in atts)}
 
 
 def measured_all(rec: dict) -> bool:
@@ -212,8 +253,13 @@ def complete_unit(out: Path, u: Unit, rec: dict) -> dict:
     for k in ("val_nll", "select"):
         if k in rec:
             new.setdefault(k, rec[k])
-    new.update(unit=u.__dict__, train_seconds=rec["train_seconds"],
-               seconds=rec["seconds"] + time.time() - t0)
+    spent = time.time() - t0
+    new.update(unit=u.__dict__, train_seconds=rec["train_seconds"], seconds=rec["seconds"] + spent)
+    for k in ("machine", "attempts", "seconds_all_complete"):  # the training process's
+        if k in rec:
+            new[k] = rec[k]
+    if "seconds_all" in rec:
+        new["seconds_all"] = rec["seconds_all"] + spent
     write_json(out / u.rel / "result.json", new)
     return new
 

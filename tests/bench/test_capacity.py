@@ -2,6 +2,7 @@
 the whole driver (search, lr choice, main units, resume, report) on the tiny random model."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -162,6 +163,9 @@ def test_driver_end_to_end_on_the_tiny_model(tmp_path, capsys, monkeypatch):
     text = results.read_text()
     assert capacity_report.BEGIN in text and "e1_recall.png" in text
     assert (out / "figures" / "e2_heldout_nll.png").exists()
+    # every unit ran in one process here: its time is whole, its machine named
+    assert final["compute"]["minutes"] > 0 and "not recorded" not in final["compute"]["machines"]
+    assert "| e2 search | 4 |" in text and "Machines (units each ran): " in text
     # a finished suite runs nothing again
     _, again = _main(cmd, capsys)
     assert "[capacity] e" not in again
@@ -212,3 +216,31 @@ def test_an_interval_does_not_move_when_another_comparison_gains_records():
     both = capacity_report.intervals(p, {"e1": recs})
     assert set(both) == {"e1:recall:x-y:r1", "e1:recall:x-y:r4"}
     assert both["e1:recall:x-y:r4"] == alone["e1:recall:x-y:r4"]
+
+
+def test_a_resumed_unit_counts_every_process_and_says_when_a_time_is_cut_short(tmp_path):
+    d = tmp_path / "unit"
+    first = capacity.open_attempt(d)
+    # the first process is killed 30 s after it started, its trainer's last write then
+    metrics = d / "run" / "metrics.jsonl"
+    metrics.parent.mkdir()
+    metrics.write_text('{"step": 5}\n')
+    killed_at = first[-1]["start"] + 30.0
+    os.utime(metrics, (killed_at, killed_at))
+    second = capacity.open_attempt(d)
+    assert second[0]["killed"] and second[0]["end"] == killed_at
+    rec = capacity.close_attempt(d, second)
+    assert rec["attempts"] == 2 and rec["seconds_all"] >= 30.0
+    assert rec["seconds_all_complete"] is False and rec["machine"]
+    # the attempts survive in the unit's directory for a third process
+    assert len(json.loads((d / "attempts.json").read_text())) == 2
+    # a unit trained in part before attempts were recorded: its earlier time is unknown
+    old = tmp_path / "old"
+    (old / "run").mkdir(parents=True)
+    (old / "run" / "metrics.jsonl").write_text("")
+    rec = capacity.close_attempt(old, capacity.open_attempt(old))
+    assert rec["attempts"] == 2 and rec["seconds_all_complete"] is False
+    # a unit run through in one process
+    fresh = tmp_path / "fresh"
+    rec = capacity.close_attempt(fresh, capacity.open_attempt(fresh))
+    assert rec["attempts"] == 1 and rec["seconds_all_complete"] is True
