@@ -183,18 +183,22 @@ def run_unit(p: dict, out: Path, u: Unit, full: bool = True) -> dict:
     cfg_path.write_text(text)
     write_json(d / "unit.json", {"unit": u.__dict__, "planned_params": n_params})
     attempts = open_attempt(d)
-    t0 = time.time()
-    train_args = ["--config", str(cfg_path), *sum((["--set", s] for s in TRAIN_SETS), [])]
-    if IN_PROCESS:  # tests: one process, so the tiny model's programs compile once
-        import moka_jax as mj
-        mj.train(str(cfg_path), list(TRAIN_SETS), quiet=True)
-    else:
-        subprocess.run([sys.executable, str(REPO / "train.py"), *train_args], cwd=REPO,
-                       check=True)
-    t_train = time.time() - t0
-    _evaluate(out, u, full=full or u.exp != "e2" or u.phase != "search")
-    rec = json.loads((d / "eval.json").read_text())
-    rec.update(unit=u.__dict__, train_seconds=t_train, seconds=time.time() - t0)
+    try:
+        t0 = time.time()
+        train_args = ["--config", str(cfg_path), *sum((["--set", s] for s in TRAIN_SETS), [])]
+        if IN_PROCESS:  # tests: one process, so the tiny model's programs compile once
+            import moka_jax as mj
+            mj.train(str(cfg_path), list(TRAIN_SETS), quiet=True)
+        else:
+            subprocess.run([sys.executable, str(REPO / "train.py"), *train_args], cwd=REPO,
+                           check=True)
+        t_train = time.time() - t0
+        _evaluate(out, u, full=full or u.exp != "e2" or u.phase != "search")
+        rec = json.loads((d / "eval.json").read_text())
+        rec.update(unit=u.__dict__, train_seconds=t_train, seconds=time.time() - t0)
+    except BaseException:  # a failed or interrupted process: its time is known, count it
+        close_attempt(d, attempts, failed=True)
+        raise
     rec.update(close_attempt(d, attempts))
     write_json(d / "result.json", rec)
     return rec
@@ -226,11 +230,14 @@ def open_attempt(d: Path) -> list[dict]:
     return atts
 
 
-def close_attempt(d: Path, atts: list[dict]) -> dict:
-    """Close the open attempt; the record's fields: `machine` (this process's), `attempts`
-    (how many processes trained the unit), `seconds_all` (their time summed) and
-    `seconds_all_complete` (false where an attempt's time is unknown or cut short)."""
+def close_attempt(d: Path, atts: list[dict], failed: bool = False) -> dict:
+    """Close the open attempt (`failed`: it raised, e.g. on the run directory's lock or a
+    signal); the record's fields: `machine` (this process's), `attempts` (how many processes
+    trained the unit), `seconds_all` (their time summed) and `seconds_all_complete` (false
+    where an attempt's time is unknown or cut short)."""
     atts[-1]["end"] = time.time()
+    if failed:
+        atts[-1]["failed"] = True
     write_json(_attempts_file(d), atts)
     timed = [a for a in atts if "start" in a]
     return {"machine": atts[-1]["machine"], "attempts": len(atts),

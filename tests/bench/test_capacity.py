@@ -240,6 +240,13 @@ def test_a_resumed_unit_counts_every_process_and_says_when_a_time_is_cut_short(t
     (old / "run" / "metrics.jsonl").write_text("")
     rec = capacity.close_attempt(old, capacity.open_attempt(old))
     assert rec["attempts"] == 2 and rec["seconds_all_complete"] is False
+    # a process that raised (here: another run held the unit's lock) closed its own attempt
+    failed = tmp_path / "failed"
+    capacity.close_attempt(failed, capacity.open_attempt(failed), failed=True)
+    atts = capacity.open_attempt(failed)
+    assert atts[0]["failed"] and "killed" not in atts[0]
+    rec = capacity.close_attempt(failed, atts)
+    assert rec["attempts"] == 2 and rec["seconds_all_complete"] is True
     # a unit run through in one process
     fresh = tmp_path / "fresh"
     rec = capacity.close_attempt(fresh, capacity.open_attempt(fresh))
