@@ -170,7 +170,19 @@ def compute_lines(c: dict) -> list[str]:
     return lines
 
 
-def pareto_plot(summary: dict, measure: str, path: Path, title: str, ylabel: str) -> Path:
+def method_label(p: dict, method: str) -> str:
+    """A method's name with what tells the MoKA variants apart at a glance (a plot's legend):
+    its gate ("ungated" or the gate lr multiplier)."""
+    spec = p["methods"][method]
+    if spec["kind"] not in ("moka", "mokas"):
+        return method
+    if spec.get("gated", True) is False:
+        return f"{method} (no gate)"
+    return f"{method} (gate lr x{float(spec.get('gate_lr_mult', 1.0)):g})"
+
+
+def pareto_plot(summary: dict, measure: str, path: Path, title: str, ylabel: str,
+                labels: dict | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,7 +195,7 @@ def pareto_plot(summary: dict, measure: str, path: Path, title: str, ylabel: str
         if not pts:
             continue
         x, y, e = map(np.asarray, zip(*pts))
-        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=method,
+        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=(labels or {}).get(method, method),
                     linestyle="-" if len(pts) > 1 else "none")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (q_proj + v_proj, 30 layers)")
@@ -354,7 +366,8 @@ def report(p: dict, out: Path, results: Path) -> dict:
                                  ("e2", "forgetting", "E2 forgetting (NLL change on Dolly)")):
         if any(measure in c for cells in summ[exp].values() for c in cells.values()):
             plots.append(pareto_plot(summ[exp], measure, fig / f"{exp}_{measure}.png",
-                                     f"{exp.upper()}: {measure} vs trainable parameters", ylabel))
+                                     f"{exp.upper()}: {measure} vs trainable parameters", ylabel,
+                                     {m: method_label(p, m) for m in p["methods"]}))
     st = cap.status(p, out, p["experiments"])
     counts = cap.counts_table(p)
     e3_file = cap.e3_path(out)

@@ -251,3 +251,11 @@ def test_a_resumed_unit_counts_every_process_and_says_when_a_time_is_cut_short(t
     fresh = tmp_path / "fresh"
     rec = capacity.close_attempt(fresh, capacity.open_attempt(fresh))
     assert rec["attempts"] == 1 and rec["seconds_all_complete"] is True
+
+
+def test_the_plots_tell_the_moka_variants_apart_by_their_gate():
+    p = plan.load_protocol(plan.CONFIGS / "protocol.yaml")
+    labels = {m: capacity_report.method_label(p, m) for m in p["methods"]}
+    assert labels["lora"] == "lora" and labels["moka"] == "moka (gate lr x100)"
+    assert labels["moka-gate1"] == "moka-gate1 (gate lr x1)"
+    assert labels["moka-ungated"] == "moka-ungated (no gate)"
