@@ -8,6 +8,7 @@ SmolLM2-135M-Instruct, nf4), every method sized to each, the same lr search, two
 
     python bench/capacity.py                    # run every unit left (resumes), then the report
     python bench/capacity.py --only e1          # one experiment
+    python bench/capacity.py --first 'e2/main/moka-*/seed1*'   # these units before the rest
     python bench/capacity.py --status           # units done / left, compute spent and left
     python bench/capacity.py --report-only      # RESULTS.md section + plots from saved units
     python bench/capacity.py --pilot e1 --methods lora --budgets r1 r16 --set e1.pairs=512
@@ -49,6 +50,9 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=str(REPO / "results" / "capacity"))
     ap.add_argument("--results", default=str(REPO / "RESULTS.md"))
     ap.add_argument("--only", nargs="+", default=None, help="experiments to run (e1 e2 e3)")
+    ap.add_argument("--first", nargs="+", default=(), metavar="PATTERN",
+                    help="run the units whose path matches first (fnmatch, e.g. "
+                         "'e2/main/moka-*-r4/seed1*'); the rest follow in order")
     ap.add_argument("--status", action="store_true", help="list units; run nothing")
     ap.add_argument("--report-only", action="store_true", help="report from saved units")
     ap.add_argument("--pilot", default=None, metavar="EXP",
@@ -476,11 +480,22 @@ def run_e3(p: dict, out: Path) -> None:
         write_json(e3_path(out), e3)
 
 
-def run_all(p: dict, out: Path, exps) -> None:
+def prioritised(pending: list, first=()) -> list:
+    """The pending units, those whose path matches a --first pattern (fnmatch) ahead of the
+    rest, each group in the suite's own order: which units a session's hours go to first
+    (e.g. the second seed of a comparison a reading hangs on), never which units run."""
+    import fnmatch
+
+    hit = [u for u in pending if any(fnmatch.fnmatch(u.rel, pat) for pat in first)]
+    return hit + [u for u in pending if u not in hit]
+
+
+def run_all(p: dict, out: Path, exps, first=()) -> None:
     while True:
         mains = main_set(p, out, exps)
-        pending = [u for u in all_units(p, out, [e for e in exps if e != "e3"])
-                   if isinstance(u, Unit) and not unit_done(out, u, u in mains)]
+        pending = prioritised([u for u in all_units(p, out, [e for e in exps if e != "e3"])
+                               if isinstance(u, Unit) and not unit_done(out, u, u in mains)],
+                              first)
         if not pending:
             if "e3" in exps:
                 run_e3(p, out)
@@ -535,7 +550,7 @@ def main(argv=None) -> int:
         print(json.dumps({"pilot": rows}))
         return 0
     if not args.report_only:
-        run_all(p, out, exps)
+        run_all(p, out, exps, args.first)
     print(json.dumps(capacity_report.report(p, out, Path(args.results))))
     return 0
 

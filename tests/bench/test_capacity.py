@@ -259,3 +259,14 @@ def test_the_plots_tell_the_moka_variants_apart_by_their_gate():
     assert labels["lora"] == "lora" and labels["moka"] == "moka (gate lr x100)"
     assert labels["moka-gate1"] == "moka-gate1 (gate lr x1)"
     assert labels["moka-ungated"] == "moka-ungated (no gate)"
+
+
+def test_first_patterns_reorder_the_pending_units_and_drop_none():
+    units = [plan.Unit("e2", "main", m, b, seed, 0.01) for seed in (0, 1)
+             for m in ("lora", "moka", "moka-gate1") for b in ("r4", "r16")]
+    order = capacity.prioritised(units, ["e2/main/moka-*-r4/seed1*", "e2/main/lora-r16/*"])
+    assert [u.rel for u in order[:3]] == ["e2/main/lora-r16/seed0-lr0.01",
+                                          "e2/main/lora-r16/seed1-lr0.01",
+                                          "e2/main/moka-gate1-r4/seed1-lr0.01"]
+    assert sorted(order, key=units.index) == units  # the rest in the suite's order, none lost
+    assert capacity.prioritised(units) == units
