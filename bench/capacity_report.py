@@ -325,7 +325,10 @@ def markdown(p: dict, summ: dict, ivals: dict, sep, sep_iv, counts, lrs, status,
                                                    else 3) for k in measures) + " |")
     if ivals:
         lines += ["", "Paired bootstrap 95% intervals (first minus second; E1 recall: higher "
-                  "is better; E2 held-out NLL: lower is better):", "",
+                  "is better; E2 held-out NLL: lower is better; the items resampled within "
+                  "each seed both cells have, seeds averaged: an interval covers which items "
+                  "were measured, not how a training seed moves a cell, which the tables' sd "
+                  "shows and two seeds estimate poorly):", "",
                   "| comparison | estimate | 95% interval |", "| --- | ---: | --- |"]
         for k, (e, lo, hi) in ivals.items():
             lines.append(f"| {k} | {e:+.4f} | [{lo:+.4f}, {hi:+.4f}] |")
