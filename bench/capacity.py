@@ -24,6 +24,7 @@ object (see report()).
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import os
@@ -484,8 +485,6 @@ def prioritised(pending: list, first=()) -> list:
     """The pending units, those whose path matches a --first pattern (fnmatch) ahead of the
     rest, each group in the suite's own order: which units a session's hours go to first
     (e.g. the second seed of a comparison a reading hangs on), never which units run."""
-    import fnmatch
-
     hit = [u for u in pending if any(fnmatch.fnmatch(u.rel, pat) for pat in first)]
     return hit + [u for u in pending if u not in hit]
 
@@ -550,6 +549,13 @@ def main(argv=None) -> int:
         print(json.dumps({"pilot": rows}))
         return 0
     if not args.report_only:
+        units = [u for u in all_units(p, out, [e for e in exps if e != "e3"])
+                 if isinstance(u, Unit)]
+        for pat in args.first:  # a typo would silently reorder nothing
+            if not any(fnmatch.fnmatch(u.rel, pat) for u in units):
+                raise SystemExit(f"--first {pat!r} matches no unit of {' '.join(exps)}; unit "
+                                 f"paths look like {units[0].rel if units else 'e2/main/lora-r4/seed1-lr0.01'}"
+                                 " (--status lists those left)")
         run_all(p, out, exps, args.first)
     print(json.dumps(capacity_report.report(p, out, Path(args.results))))
     return 0

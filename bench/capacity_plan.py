@@ -234,6 +234,12 @@ def e3_fitted(e3: dict) -> dict:
     return {e3["target_unit"]: e3, **e3.get("more_targets", {})}
 
 
+def unit_seconds(rec: dict) -> float:
+    """A unit's compute time: every process that trained it where its record sums them
+    (`seconds_all`), else its last process's (records from before that was kept)."""
+    return rec.get("seconds_all", rec["seconds"])
+
+
 def e3_path(out: Path) -> Path:
     return out / "e3" / "e3.json"
 
@@ -248,7 +254,7 @@ def status(p: dict, out: Path, exps) -> dict:
                 left.append(t.rel if t else "e2/e3-target/lora (E2's LoRA lr not chosen)")
             else:
                 done.append(t.rel)
-                secs.append(read_result(out, t)["seconds"])
+                secs.append(unit_seconds(read_result(out, t)))
             fits = f"e3/fits/{t.budget if t else 'lora'}"
             fitted = e3_fitted(e3) if e3 is not None else {}
             if t is not None and t.rel in fitted:
@@ -263,7 +269,7 @@ def status(p: dict, out: Path, exps) -> dict:
             left.append(u.rel if isinstance(u, Unit) else "/".join(map(str, u)) + " (lr not chosen)")
         else:
             done.append(u.rel)
-            secs.append(rec["seconds"])
+            secs.append(unit_seconds(rec))
     return {"done": len(done), "left": len(left), "left_units": left,
             "compute_minutes_spent": round(sum(secs) / 60, 1),
             "compute_minutes_left_est": _left_estimate(done, secs, left)}

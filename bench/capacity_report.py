@@ -138,7 +138,7 @@ def compute(p: dict, out: Path) -> dict:
         if rec is None:
             continue
         g = rows.setdefault(group, {"secs": [], "lower_bound": 0})
-        g["secs"].append(rec.get("seconds_all", rec["seconds"]))
+        g["secs"].append(cap.unit_seconds(rec))
         g["lower_bound"] += not rec.get("seconds_all_complete", False)
         m = rec.get("machine", "not recorded")
         machines[m] = machines.get(m, 0) + 1

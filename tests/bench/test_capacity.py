@@ -270,3 +270,10 @@ def test_first_patterns_reorder_the_pending_units_and_drop_none():
                                           "e2/main/moka-gate1-r4/seed1-lr0.01"]
     assert sorted(order, key=units.index) == units  # the rest in the suite's order, none lost
     assert capacity.prioritised(units) == units
+
+
+def test_a_first_pattern_that_matches_no_unit_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="--first 'e2/main/lora-r4/sede1\\*' matches no unit"):
+        capacity.main(["--out", str(tmp_path / "out"), "--results", str(tmp_path / "R.md"),
+                       "--only", "e2", "--first", "e2/main/lora-r4/sede1*"])
+    assert not (tmp_path / "out" / "e2" / "main").exists()
