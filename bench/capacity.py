@@ -52,8 +52,9 @@ def parse_args(argv=None):
     ap.add_argument("--results", default=str(REPO / "RESULTS.md"))
     ap.add_argument("--only", nargs="+", default=None, help="experiments to run (e1 e2 e3)")
     ap.add_argument("--first", nargs="+", default=(), metavar="PATTERN",
-                    help="run the units whose path matches first (fnmatch, e.g. "
-                         "'e2/main/moka-*-r4/seed1*'); the rest follow in order")
+                    help="run first the units whose path, or a folder above it, matches (fnmatch, "
+                         "e.g. 'e2/main/moka-*-r4/seed1*' or e2/main/moka-r16); the rest "
+                         "follow in order")
     ap.add_argument("--status", action="store_true", help="list units; run nothing")
     ap.add_argument("--report-only", action="store_true", help="report from saved units")
     ap.add_argument("--pilot", default=None, metavar="EXP",
@@ -481,11 +482,17 @@ def run_e3(p: dict, out: Path) -> None:
         write_json(e3_path(out), e3)
 
 
+def first_matches(rel: str, pat: str) -> bool:
+    """Whether a --first pattern picks the unit at path `rel`: the pattern matches the path
+    (fnmatch) or a folder above it, so `e2/main/moka-r16` picks each of that cell's seeds."""
+    return fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(rel, pat.rstrip("/") + "/*")
+
+
 def prioritised(pending: list, first=()) -> list:
-    """The pending units, those whose path matches a --first pattern (fnmatch) ahead of the
-    rest, each group in the suite's own order: which units a session's hours go to first
-    (e.g. the second seed of a comparison a reading hangs on), never which units run."""
-    hit = [u for u in pending if any(fnmatch.fnmatch(u.rel, pat) for pat in first)]
+    """The pending units, those a --first pattern picks (`first_matches`) ahead of the rest,
+    each group in the suite's own order: which units a session's hours go to first (e.g. the
+    second seed of a comparison a reading hangs on), never which units run."""
+    hit = [u for u in pending if any(first_matches(u.rel, pat) for pat in first)]
     return hit + [u for u in pending if u not in hit]
 
 
@@ -552,7 +559,7 @@ def main(argv=None) -> int:
         units = [u for u in all_units(p, out, [e for e in exps if e != "e3"])
                  if isinstance(u, Unit)]
         for pat in args.first:  # a typo would silently reorder nothing
-            if not any(fnmatch.fnmatch(u.rel, pat) for u in units):
+            if not any(first_matches(u.rel, pat) for u in units):
                 raise SystemExit(f"--first {pat!r} matches no unit of {' '.join(exps)}; unit "
                                  f"paths look like {units[0].rel if units else 'e2/main/lora-r4/seed1-lr0.01'}"
                                  " (--status lists those left)")

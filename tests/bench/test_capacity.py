@@ -270,6 +270,12 @@ def test_first_patterns_reorder_the_pending_units_and_drop_none():
                                           "e2/main/moka-gate1-r4/seed1-lr0.01"]
     assert sorted(order, key=units.index) == units  # the rest in the suite's order, none lost
     assert capacity.prioritised(units) == units
+    # a pattern naming a cell's folder picks its seeds, as a glob under it would
+    assert ([u.rel for u in capacity.prioritised(units, ["e2/main/moka-r16"])[:2]]
+            == ["e2/main/moka-r16/seed0-lr0.01", "e2/main/moka-r16/seed1-lr0.01"])
+    assert (capacity.prioritised(units, ["e2/main/moka-r16/"])
+            == capacity.prioritised(units, ["e2/main/moka-r16/*"]))
+    assert capacity.prioritised(units, ["e2/main/moka-r1"]) == units  # r1 is not r16's prefix
 
 
 def test_a_first_pattern_that_matches_no_unit_is_refused_before_any_work(tmp_path, capsys):
