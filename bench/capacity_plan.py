@@ -144,30 +144,83 @@ class Unit:
         return f"{self.exp}/{self.phase}/{self.method}-{self.budget}/seed{self.seed}-lr{self.lr:g}"
 
 
-def search_units(p: dict, exp: str) -> list[Unit]:
-    return [Unit(exp, "search", m, p["search_budget"], 0, float(lr))
-            for m, spec in p["methods"].items() if not spec.get("lr_from")
-            for lr in search_lrs(p, exp)]
+def searched(p: dict) -> list[str]:
+    """The methods with an lr search of their own (the others take one's by lr_from)."""
+    return [m for m, spec in p["methods"].items() if not spec.get("lr_from")]
 
 
-def search_lrs(p: dict, exp: str) -> list[float]:
-    """The experiment's lr grid: its own `lrs` where a winner at the edge widened it, else the
-    protocol's."""
-    return [float(x) for x in p[exp].get("lrs", p["lrs"])]
+def search_units(p: dict, exp: str, out: Path | None = None) -> list[Unit]:
+    """The search trials: every searched method at every lr of `search_lrs` (the grid as
+    widened by the records under `out`; the protocol's own grid without it)."""
+    return [Unit(exp, "search", m, p["search_budget"], 0, lr)
+            for m in searched(p) for lr in search_lrs(p, exp, out)]
+
+
+def search_lrs(p: dict, exp: str, out: Path | None = None) -> list[float]:
+    """The experiment's lr grid. It starts from the experiment's own `lrs` (a grid widened by
+    hand) or the protocol's; once every trial of it has a record under `out`, a method whose
+    winner sits at an edge widens it by the next value beyond that edge (`next_lr`), for every
+    searched method alike (the issue's rule: a winner at a grid edge widens the grid), at most
+    the protocol's `widen` values a side; a winner still at an edge after that is flagged by
+    the report. Main units wait for the widened trials (chosen_lr)."""
+    return _search_grid(p, exp, out)[0]
+
+
+def _search_grid(p: dict, exp: str, out: Path | None) -> tuple[list[float], bool]:
+    """(the grid so far, whether it is final: every trial recorded and no edge to widen)."""
+    grid = [float(x) for x in p[exp].get("lrs", p["lrs"])]
+    if out is None:
+        return grid, False
+    added = {1: 0, 0: 0}  # values added above / below
+    while True:
+        winners = set()
+        for m in searched(p):
+            scores = _trial_scores(p, out, exp, m, grid)
+            if scores is None:
+                return grid, False
+            winners.add(min(scores, key=scores.get))
+        grew = False
+        for up, edge in ((1, grid[-1]), (0, grid[0])):
+            if edge in winners and len(grid) > 1 and added[up] < p.get("widen", 0):
+                grid = grid + [next_lr(edge, up=True)] if up else [next_lr(edge, up=False)] + grid
+                added[up] += 1
+                grew = True
+        if not grew:
+            return grid, True
+
+
+def next_lr(lr: float, up: bool) -> float:
+    """The next value beyond `lr` on the 1-3-10 half-decade grid the protocol's lrs use
+    (1e-2 -> 3e-2 -> 1e-1 up, 1e-3 -> 3e-4 down); off-grid values step to the nearest grid
+    value beyond them."""
+    import math
+
+    e = math.floor(math.log10(lr) + 1e-9)
+    m = round(lr / 10 ** e, 6)  # mantissa in [1, 10)
+    if up:
+        nxt = 3 * 10 ** e if m < 3 else 10 ** (e + 1)
+    else:
+        nxt = 3 * 10 ** e if m > 3 else (10 ** e if m > 1 else 3 * 10 ** (e - 1))
+    return float(f"{nxt:.6g}")
+
+
+def _trial_scores(p: dict, out: Path, exp: str, method: str, grid) -> dict | None:
+    """{lr: validation score} of the method's trials on the grid; None while one is missing."""
+    recs = [read_result(out, Unit(exp, "search", method, p["search_budget"], 0, lr))
+            for lr in grid]
+    return None if None in recs else {lr: r["select"] for lr, r in zip(grid, recs)}
 
 
 def chosen_lr(p: dict, out: Path, exp: str, method: str) -> tuple[float | None, dict]:
-    """The search winner of the method (or of its lr_from), with every trial's score."""
+    """The search winner of the method (or of its lr_from) on the final grid, with every
+    finished trial's score; None while the grid may still change (a trial of any searched
+    method missing, or a widened one not run yet)."""
     src = p["methods"][method].get("lr_from") or method
-    scores = {}
-    for u in search_units(p, exp):
-        if u.method == src:
-            rec = read_result(out, u)
-            if rec is None:
-                return None, scores
-            scores[u.lr] = rec["select"]
-    best = min(scores, key=scores.get)
-    return best, scores
+    grid, final = _search_grid(p, exp, out)
+    recs = {lr: read_result(out, Unit(exp, "search", src, p["search_budget"], 0, lr))
+            for lr in grid}
+    scores = {lr: r["select"] for lr, r in recs.items() if r is not None}
+    return (min(scores, key=scores.get) if final else None), scores
 
 
 def main_units(p: dict, out: Path, exp: str) -> list[Unit | tuple]:
@@ -214,7 +267,7 @@ def write_json(path: Path, obj) -> None:
 def all_units(p: dict, out: Path, exps) -> list:
     units = []
     for exp in exps:
-        units += search_units(p, exp)
+        units += search_units(p, exp, out)
         units += [u for u in main_units(p, out, exp) if u not in units]
     return units
 

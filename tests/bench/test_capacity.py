@@ -85,7 +85,7 @@ def test_driver_end_to_end_on_the_tiny_model(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     p = yaml.safe_load((plan.CONFIGS / "protocol.yaml").read_text())
     # the tiny model's targets: q 64x64, v 32x64 (2 kv heads of 16), 2 layers
-    p.update(dims={"q_proj": [64, 64], "v_proj": [32, 64]}, layers=2, lrs=[1e-3, 1e-2],
+    p.update(dims={"q_proj": [64, 64], "v_proj": [32, 64]}, layers=2, lrs=[1e-3, 1e-2], widen=0,
              seeds=[0], budgets={"r1": 1, "r4": 4}, search_budget="r4",
              methods={"lora": {"kind": "lora"},
                       "moka": {"kind": "moka", "gate_lr_mult": 100.0},
@@ -283,3 +283,61 @@ def test_a_first_pattern_that_matches_no_unit_is_refused_before_any_work(tmp_pat
         capacity.main(["--out", str(tmp_path / "out"), "--results", str(tmp_path / "R.md"),
                        "--only", "e2", "--first", "e2/main/lora-r4/sede1*"])
     assert not (tmp_path / "out" / "e2" / "main").exists()
+
+
+def test_next_lr_steps_along_the_half_decade_grid():
+    assert [plan.next_lr(x, up=True) for x in (1e-3, 3e-3, 1e-2, 3e-2)] == [3e-3, 1e-2, 3e-2, 0.1]
+    assert [plan.next_lr(x, up=False) for x in (1e-3, 3e-3, 0.1)] == [3e-4, 1e-3, 3e-2]
+    assert plan.next_lr(5e-3, up=True) == 1e-2 and plan.next_lr(5e-3, up=False) == 3e-3
+    assert plan.next_lr(2e-3, up=False) == 1e-3
+
+
+def _search_record(out, p, method, lr, score):
+    u = plan.Unit("e1", "search", method, p["search_budget"], 0, lr)
+    plan.write_json(out / u.rel / "result.json", {"select": score})
+
+
+def test_a_winner_at_a_grid_edge_widens_the_grid_for_every_method_before_main_units(tmp_path):
+    p = {**PROTOCOL, "methods": {"lora": {"kind": "lora"}, "moka": {"kind": "moka"},
+                                 "dora": {"kind": "dora", "lr_from": "lora"}},
+         "lrs": [1e-3, 3e-3, 1e-2], "widen": 2, "e1": dict(PROTOCOL["e1"])}
+    p["e1"].pop("lrs", None)
+    out = tmp_path / "out"
+    # LoRA's trials so far: the grid stays the protocol's while MoKA's are missing
+    for lr, s in ((1e-3, 3.0), (3e-3, 2.0), (1e-2, 1.0)):
+        _search_record(out, p, "lora", lr, s)
+    assert plan.search_lrs(p, "e1", out) == [1e-3, 3e-3, 1e-2]
+    assert plan.chosen_lr(p, out, "e1", "lora") == (None, {1e-3: 3.0, 3e-3: 2.0, 1e-2: 1.0})
+    # MoKA's winner is interior, LoRA's at the top edge: 3e-2 joins the grid for both, and
+    # neither (nor DoRA, which takes LoRA's) has an lr until those trials ran
+    for lr, s in ((1e-3, 2.0), (3e-3, 1.0), (1e-2, 1.5)):
+        _search_record(out, p, "moka", lr, s)
+    assert plan.search_lrs(p, "e1", out) == [1e-3, 3e-3, 1e-2, 3e-2]
+    assert {u.rel for u in plan.search_units(p, "e1", out)} >= {
+        "e1/search/lora-r4/seed0-lr0.03", "e1/search/moka-r4/seed0-lr0.03"}
+    for m in p["methods"]:
+        assert plan.chosen_lr(p, out, "e1", m)[0] is None
+    assert not any(isinstance(u, plan.Unit) and u.phase == "main"
+                   for u in plan.main_units(p, out, "e1"))
+    # LoRA wins at the new edge again: 1e-1 joins; it wins there too, and the grid has
+    # widened `widen` times, so 1e-1 is chosen (the report flags it as an edge)
+    _search_record(out, p, "lora", 3e-2, 0.5)
+    _search_record(out, p, "moka", 3e-2, 1.2)
+    assert plan.search_lrs(p, "e1", out) == [1e-3, 3e-3, 1e-2, 3e-2, 0.1]
+    _search_record(out, p, "lora", 0.1, 0.4)
+    _search_record(out, p, "moka", 0.1, 9.0)
+    assert plan.search_lrs(p, "e1", out) == [1e-3, 3e-3, 1e-2, 3e-2, 0.1]
+    assert plan.chosen_lr(p, out, "e1", "lora")[0] == 0.1
+    assert plan.chosen_lr(p, out, "e1", "dora")[0] == 0.1
+    assert plan.chosen_lr(p, out, "e1", "moka")[0] == 3e-3
+    # a winner at the bottom edge widens downwards
+    _search_record(out, p, "moka", 1e-3, 0.1)
+    assert plan.search_lrs(p, "e1", out)[0] == 3e-4
+
+
+def test_the_committed_e2_search_is_not_widened():
+    """The E2 grid widened by hand has every winner inside it: the rule adds no trial there."""
+    out = REPO / "results" / "capacity"
+    assert plan.search_lrs(PROTOCOL, "e2", out) == plan.search_lrs(PROTOCOL, "e2")
+    assert {m: plan.chosen_lr(PROTOCOL, out, "e2", m)[0] for m in plan.searched(PROTOCOL)} == {
+        "lora": 1e-2, "moka": 3e-2, "mokas": 1e-2}
