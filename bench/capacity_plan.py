@@ -4,6 +4,7 @@ records and status. No model and no JAX, so the report and --status run anywhere
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,8 +194,6 @@ def next_lr(lr: float, up: bool) -> float:
     """The next value beyond `lr` on the 1-3-10 half-decade grid the protocol's lrs use
     (1e-2 -> 3e-2 -> 1e-1 up, 1e-3 -> 3e-4 down); off-grid values step to the nearest grid
     value beyond them."""
-    import math
-
     e = math.floor(math.log10(lr) + 1e-9)
     m = round(lr / 10 ** e, 6)  # mantissa in [1, 10)
     if up:
