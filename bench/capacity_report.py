@@ -360,7 +360,7 @@ def report(p: dict, out: Path, results: Path) -> dict:
     ivals = intervals(p, recs_by_exp)
     sep, sep_iv = budget_separates(p, recs_by_exp["e1"])
     lrs = {(exp, m): cap.chosen_lr(p, out, exp, m) for exp in ("e1", "e2")
-           for m in p["methods"] if not p["methods"][m].get("lr_from")}
+           for m in cap.searched(p)}
     plots = []
     fig = out / "figures"
     for exp, measure, ylabel in (("e1", "recall", "E1 recall (exact match, greedy)"),
