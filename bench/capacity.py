@@ -37,8 +37,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from capacity_plan import (CONFIGS, REPO, Unit, adapter_section, all_units,  # noqa: E402
-                           budget_params, e3_fitted, e3_path, e3_targets, load_protocol, main_set,
-                           read_result, status, unit_done, write_json)
+                           budget_ends, budget_params, e3_fitted, e3_path, e3_targets,
+                           load_protocol, main_set, power_units, read_result, status, unit_done,
+                           write_json)
 import capacity_report  # noqa: E402
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
@@ -497,11 +498,23 @@ def prioritised(pending: list, first=()) -> list:
 
 
 def run_all(p: dict, out: Path, exps, first=()) -> None:
+    """Runs every pending unit, one at a time (--first's picks, then E1's power-check units,
+    then the suite's order), re-planning after each: a search that finishes chooses an lr, a
+    widened grid adds trials, a failed E1 power check holds E1's other main units."""
+    told = False
     while True:
         mains = main_set(p, out, exps)
-        pending = prioritised([u for u in all_units(p, out, [e for e in exps if e != "e3"])
-                               if isinstance(u, Unit) and not unit_done(out, u, u in mains)],
-                              first)
+        held = set(capacity_report.held_units(p, out, exps))
+        if held and not told:
+            told = True
+            print(f"[capacity] E1's power check failed (LoRA at {' and '.join(budget_ends(p))}: "
+                  f"recall not 20 points apart): its other {len(held)} main units are held; "
+                  "resize E1 (protocol e1.pairs / e1.epochs) before running them", flush=True)
+        gate = tuple(u.rel for u in power_units(p, out))
+        pending = prioritised(prioritised(
+            [u for u in all_units(p, out, [e for e in exps if e != "e3"])
+             if isinstance(u, Unit) and u not in held and not unit_done(out, u, u in mains)],
+            gate), first)
         if not pending:
             if "e3" in exps:
                 run_e3(p, out)
@@ -548,7 +561,7 @@ def main(argv=None) -> int:
         return 0
     exps = args.only or p["experiments"]
     if args.status:
-        print(json.dumps(status(p, out, exps)))
+        print(json.dumps(status(p, out, exps, capacity_report.held_units(p, out, exps))))
         return 0
     if args.pilot:
         rows = pilot(p, out, args.pilot, args.methods or ["lora"], args.budgets or ["r1", "r16"],

@@ -239,6 +239,19 @@ def main_units(p: dict, out: Path, exp: str) -> list[Unit | tuple]:
     return units
 
 
+def budget_ends(p: dict) -> tuple[str, str]:
+    """The smallest and the largest budget: E1's power check compares LoRA at these two."""
+    return min(p["budgets"], key=p["budgets"].get), max(p["budgets"], key=p["budgets"].get)
+
+
+def power_units(p: dict, out: Path) -> list[Unit]:
+    """E1's power-check units: LoRA at both budget ends, every seed (none before LoRA's E1 lr
+    is chosen). The driver runs them before E1's other main units."""
+    ends = budget_ends(p)
+    return [u for u in main_units(p, out, "e1")
+            if isinstance(u, Unit) and u.method == "lora" and u.budget in ends]
+
+
 def main_set(p: dict, out: Path, exps) -> set:
     """The units whose every measure the report reads (main units, search winners included)."""
     return {u for e in exps if e != "e3" for u in main_units(p, out, e) if isinstance(u, Unit)}
@@ -296,8 +309,10 @@ def e3_path(out: Path) -> Path:
     return out / "e3" / "e3.json"
 
 
-def status(p: dict, out: Path, exps) -> dict:
-    done, left, secs = [], [], []
+def status(p: dict, out: Path, exps, held=()) -> dict:
+    """Units done and left, compute spent and left; `held`: units the driver will not run
+    (E1's main units after a failed power check), listed apart and not counted as left."""
+    done, left, secs, held_rels = [], [], [], []
     if "e3" in exps:
         targets = e3_targets(p, out)
         e3 = json.loads(e3_path(out).read_text()) if e3_path(out).exists() else None
@@ -317,12 +332,15 @@ def status(p: dict, out: Path, exps) -> dict:
     mains = main_set(p, out, exps)
     for u in all_units(p, out, [e for e in exps if e != "e3"]):
         rec = read_result(out, u) if isinstance(u, Unit) else None
-        if rec is None or not unit_done(out, u, u in mains):
+        if u in held:
+            held_rels.append(u.rel)
+        elif rec is None or not unit_done(out, u, u in mains):
             left.append(u.rel if isinstance(u, Unit) else "/".join(map(str, u)) + " (lr not chosen)")
         else:
             done.append(u.rel)
             secs.append(unit_seconds(rec))
     return {"done": len(done), "left": len(left), "left_units": left,
+            "held": len(held_rels), "held_units": held_rels,
             "compute_minutes_spent": round(sum(secs) / 60, 1),
             "compute_minutes_left_est": _left_estimate(done, secs, left)}
 

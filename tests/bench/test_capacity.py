@@ -110,8 +110,13 @@ def test_driver_end_to_end_on_the_tiny_model(tmp_path, capsys, monkeypatch):
     final, _ = _main(cmd, capsys)
     st, _ = _main(cmd + ["--status"], capsys)
     # per experiment: 4 search trials, then 5 cells less the 2 search winners; E3: its two
-    # targets (LoRA r8 and r16 on E2's data) and the fits of each
-    assert st["left"] == 0 and st["done"] == 2 * (4 + 5 - 2) + 4
+    # targets (LoRA r8 and r16 on E2's data) and the fits of each. E1 on the tiny model (12
+    # pairs, one epoch) recalls nothing at either budget: its power check fails once LoRA r1
+    # and r4 ran, and E1's other main units (MoKA r1, ungated MoKA r4) are held, not run
+    assert final["e1_budget_separates"] is False
+    assert st["left"] == 0 and st["done"] == 2 * (4 + 5 - 2) + 4 - 2
+    assert sorted(h.rsplit("-lr", 1)[0] for h in st["held_units"]) == [
+        "e1/main/moka-r1/seed0", "e1/main/moka-ungated-r4/seed0"]  # lr: whichever MoKA's won
     assert (out / "e2" / "e3-target" / "lora-r8").is_dir()
     # an E2 search trial that lost was measured on validation only; the winner, which is
     # also the seed-0 main run, on everything
@@ -152,14 +157,15 @@ def test_driver_end_to_end_on_the_tiny_model(tmp_path, capsys, monkeypatch):
     e3 = json.loads(e3_file.read_text())
     assert e3["e3"] == headline and set(e3["more_targets"]) == {
         t.rel for t in plan.e3_targets(proto_p, out)[1:]}
+    assert set(final["e2"]) == {"lora", "moka", "moka-ungated"}
+    assert set(final["e1"]) == {"lora", "moka"} and set(final["e1"]["moka"]) == {"r4"}
     for exp in ("e1", "e2"):
-        assert set(final[exp]) == {"lora", "moka", "moka-ungated"}
         assert final[exp]["lora"]["r1"]["params"] == 2 * (64 + 64 + 32 + 64)
     assert 0.0 <= final["e1"]["lora"]["r4"]["recall"][0] <= 1.0
     assert "forgetting" in final["e2"]["moka"]["r4"]
     assert 0.0 <= final["e2"]["lora"]["r1"]["zeroshot_acc_norm"][0] <= 1.0
     assert any(k.startswith("e1:recall:moka-lora:") for k in final["intervals"])
-    assert final["e1_budget_separates"] in (True, False)
+    assert "held (E1's power check failed" in results.read_text()
     text = results.read_text()
     assert capacity_report.BEGIN in text and "e1_recall.png" in text
     assert (out / "figures" / "e2_heldout_nll.png").exists()
@@ -341,3 +347,52 @@ def test_the_committed_e2_search_is_not_widened():
     assert plan.search_lrs(PROTOCOL, "e2", out) == plan.search_lrs(PROTOCOL, "e2")
     assert {m: plan.chosen_lr(PROTOCOL, out, "e2", m)[0] for m in plan.searched(PROTOCOL)} == {
         "lora": 1e-2, "moka": 3e-2, "mokas": 1e-2}
+
+
+def _power_protocol(tmp_path):
+    """Two searched methods whose E1 search chose 3e-3 (inside the grid), two seeds."""
+    p = {**PROTOCOL, "methods": {"lora": {"kind": "lora"}, "moka": {"kind": "moka"}},
+         "lrs": [1e-3, 3e-3, 1e-2], "widen": 2, "seeds": [0, 1], "experiments": ["e1"],
+         "e1": dict(PROTOCOL["e1"])}
+    p["e1"].pop("lrs", None)
+    out = tmp_path / "out"
+    for m in p["methods"]:
+        for lr, s in ((1e-3, 2.0), (3e-3, 1.0), (1e-2, 1.5)):
+            u = plan.Unit("e1", "search", m, p["search_budget"], 0, lr)
+            plan.write_json(out / u.rel / "result.json",
+                            {"select": s, "unit": {"seed": 0}, "items": {"greedy": [1] * 20},
+                             "seconds": 60.0})
+    return p, out
+
+
+def test_a_failed_e1_power_check_holds_e1s_other_main_units(tmp_path, monkeypatch):
+    p, out = _power_protocol(tmp_path)
+    ran = []
+
+    def fake_run(p_, out_, u, full=True):  # every budget recalls all pairs: no power
+        ran.append(u.rel)
+        rec = {"unit": {"seed": u.seed}, "items": {"greedy": [1] * 20}, "seconds": 60.0}
+        plan.write_json(out_ / u.rel / "result.json", rec)
+        return rec
+
+    monkeypatch.setattr(capacity, "run_unit", fake_run)
+    gate = [u.rel for u in plan.power_units(p, out)]
+    assert sorted(gate) == sorted(f"e1/main/lora-{b}/seed{s}-lr0.003"
+                                  for b in ("r1", "r16") for s in (0, 1))
+    assert capacity_report.e1_power(p, out) is None and capacity_report.held_units(p, out, ["e1"]) == []
+    capacity.run_all(p, out, ["e1"])
+    # the check's own units ran first, then nothing else: the other units wait for a resize
+    assert ran == gate
+    assert capacity_report.e1_power(p, out) is False
+    held = {u.rel for u in capacity_report.held_units(p, out, ["e1"])}
+    assert held == {f"e1/main/moka-{b}/seed{s}-lr0.003" for b in ("r1", "r16") for s in (0, 1)} \
+        | {"e1/main/moka-r4/seed1-lr0.003", "e1/main/lora-r4/seed1-lr0.003"}
+    st = plan.status(p, out, ["e1"], capacity_report.held_units(p, out, ["e1"]))
+    assert st["left"] == 0 and st["held"] == 6 and set(st["held_units"]) == held
+    # a check that passes holds nothing: r1 recalls none of the pairs, r16 all
+    for s in (0, 1):
+        u = plan.Unit("e1", "main", "lora", "r1", s, 3e-3)
+        plan.write_json(out / u.rel / "result.json",
+                        {"unit": {"seed": s}, "items": {"greedy": [0] * 20}, "seconds": 60.0})
+    assert capacity_report.e1_power(p, out) is True
+    assert capacity_report.held_units(p, out, ["e1"]) == []
