@@ -389,7 +389,9 @@ def report(p: dict, out: Path, results: Path) -> dict:
                                  ("e2", "forgetting", "E2 forgetting (NLL change on Dolly)")):
         if any(measure in c for cells in summ[exp].values() for c in cells.values()):
             plots.append(pareto_plot(summ[exp], measure, fig / f"{exp}_{measure}.png",
-                                     f"{exp.upper()}: {measure} vs trainable parameters", ylabel,
+                                     f"{exp.upper()}: {measure} vs trainable parameters"
+                                     + ("\n(power check failed: not a capacity result)"
+                                        if exp == "e1" and sep is False else ""), ylabel,
                                      {m: method_label(p, m) for m in p["methods"]}))
     st = cap.status(p, out, p["experiments"], held_units(p, out, p["experiments"]))
     counts = cap.counts_table(p)
