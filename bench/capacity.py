@@ -16,7 +16,9 @@ SmolLM2-135M-Instruct, nf4), every method sized to each, the same lr search, two
 Every unit (experiment, phase, method, budget, seed, lr) has a directory under --out holding
 its config, training curve and result.json (committed, so the suite resumes in a fresh clone);
 a unit runs in its own processes (train.py, then this file as the evaluating worker), and a
-killed unit resumes from its trainer checkpoint (git-ignored). Units only ever add: a protocol
+killed unit resumes from its trainer checkpoint (git-ignored). E1's power check (LoRA at the
+smallest and largest budget, every seed) runs first among E1's main units; when it fails, the
+other E1 units are held (--status lists them) until E1 is resized. Units only ever add: a protocol
 whose experiment settings changed is refused (pass another --out). Last stdout line: one JSON
 object (see report()).
 """
